@@ -1,0 +1,217 @@
+"""Operations on whole logit caches behind `pkd cache`: inspect, verify, merge, copy (push/pull).
+
+They work on any fsspec location and stream shard by shard; none imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pkd.codec import TopkCodec
+from pkd.errors import CompatibilityError, IntegrityError, PkdError, StorageError
+from pkd.logit_cache import (
+    SHARD_DIR,
+    check_compatible,
+    check_shard_header,
+    decode_batch,
+    iter_column,
+    open_shard,
+    seq_logprob_stats,
+    shard_name,
+)
+from pkd.records import FileEntry, LogitCacheManifest
+from pkd.store import Folder
+
+_STATS_RTOL = 1e-6
+_LOGPROB_SLACK = 1e-3  # logprobs may exceed 0 by rounding only
+
+
+def read_cache_manifest(folder: Folder) -> LogitCacheManifest:
+    manifest = folder.read_manifest(LogitCacheManifest)
+    assert isinstance(manifest, LogitCacheManifest)
+    return manifest
+
+
+# inspect ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheSummary:
+    uri: str
+    manifest: LogitCacheManifest
+    seq_logprob_hist: tuple[np.ndarray, np.ndarray]  # (counts, bin edges)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.manifest.total_bytes / max(self.manifest.tokens, 1)
+
+
+def summarize(folder: Folder, bins: int = 12) -> CacheSummary:
+    manifest = read_cache_manifest(folder)
+    values = np.concatenate(list(iter_column(folder, manifest, "seq_logprob")) or [np.zeros(0)])
+    hist = np.histogram(values, bins=bins) if len(values) else (np.zeros(0, np.int64), np.zeros(0))
+    return CacheSummary(folder.uri, manifest, hist)
+
+
+# verify ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    uri: str
+    files_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_decoded(folder: Folder, entry: FileEntry, manifest: LogitCacheManifest, codec: TopkCodec) -> tuple[int, int]:
+    """Decode every row of a shard and check it is a valid distribution record."""
+    rows = tokens = 0
+    for batch in open_shard(folder, entry.path).iter_batches():
+        for s in decode_batch(batch, codec):
+            rows += 1
+            tokens += s.num_tokens
+            where = f"{folder.where(entry.path)}: sample {s.sample_id!r}"
+            if s.response_start < 0 or s.num_tokens < 0:
+                raise IntegrityError(f"{where}: response_start {s.response_start} outside input_ids (length {len(s.input_ids)})")
+            if len(s.token_logprob) != s.num_tokens:
+                raise IntegrityError(f"{where}: {len(s.token_logprob)} token logprobs for {s.num_tokens} response tokens")
+            if s.topk_ids.size and (s.topk_ids.min() < 0 or s.topk_ids.max() >= manifest.vocab_size):
+                raise IntegrityError(f"{where}: top-k id outside the vocabulary (size {manifest.vocab_size})")
+            lp = s.topk_logprobs
+            if not np.isfinite(lp).all() or (lp > _LOGPROB_SLACK).any():
+                raise IntegrityError(f"{where}: top-k logprobs are not finite logprobs ≤ 0")
+            if (np.diff(lp, axis=1) > _LOGPROB_SLACK).any():
+                raise IntegrityError(f"{where}: top-k logprobs are not in descending rank order")
+            if (np.exp(lp.astype(np.float64)).sum(axis=1) > 1 + 1e-2).any():
+                raise IntegrityError(f"{where}: top-k probabilities sum to more than 1")
+    return rows, tokens
+
+
+def verify(folder: Folder, *, decode: bool = True) -> VerifyReport:
+    """Check a cache against its manifest: presence, size, sha256, schema, counts, decodability,
+    and μ/γ. Every problem is collected (one line each, naming the file), not just the first."""
+    manifest = read_cache_manifest(folder)
+    report = VerifyReport(folder.uri)
+    if not manifest.complete:
+        report.problems.append(f"{folder.where('manifest.json')}: cache is incomplete (an interrupted writer; rerun it to finish)")
+    codec = TopkCodec.from_spec(manifest.codec)
+    for entry in manifest.files:
+        report.files_checked += 1
+        where = folder.where(entry.path)
+        try:
+            if not folder.exists(entry.path):
+                raise IntegrityError(f"{where}: missing")
+            size = folder.size(entry.path)
+            if size != entry.bytes:
+                raise IntegrityError(f"{where}: {size} bytes, manifest says {entry.bytes} (truncated, appended to or replaced)")
+            digest = folder.sha256(entry.path)
+            if digest != entry.sha256:
+                raise IntegrityError(f"{where}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}… (corrupted or tampered)")
+            pf = open_shard(folder, entry.path)
+            check_shard_header(folder, entry.path, pf, manifest)
+            if pf.metadata.num_rows != entry.rows:
+                raise IntegrityError(f"{where}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
+            if decode:
+                rows, tokens = _check_decoded(folder, entry, manifest, codec)
+                if tokens != entry.tokens:
+                    raise IntegrityError(f"{where}: {tokens} tokens, manifest says {entry.tokens}")
+        except PkdError as e:
+            report.problems.append(str(e))
+    listed = {f.path for f in manifest.files}
+    report.problems += [f"{folder.where(p)}: not listed in the manifest (stray or uncommitted file)" for p in folder.listdir(SHARD_DIR) if p not in listed]
+    if manifest.complete and not report.problems and manifest.seq_logprob is not None:
+        stats = seq_logprob_stats(iter_column(folder, manifest, "seq_logprob"))
+        if stats.count != manifest.seq_logprob.count or not np.allclose([stats.mu, stats.gamma], [manifest.seq_logprob.mu, manifest.seq_logprob.gamma], rtol=_STATS_RTOL, atol=1e-9):
+            report.problems.append(f"{folder.where('manifest.json')}: μ/γ of seq_logprob ({manifest.seq_logprob.mu:.6g}/{manifest.seq_logprob.gamma:.6g}) do not match the shards ({stats.mu:.6g}/{stats.gamma:.6g})")
+    return report
+
+
+# merge -----------------------------------------------------------------------------------------
+
+
+def _require_empty(folder: Folder) -> None:
+    if folder.listdir():
+        raise StorageError(f"{folder.uri}: destination is not empty; choose a new folder")
+
+
+def merge(parts: list[Folder], out: Folder) -> LogitCacheManifest:
+    """Join caches built in parts (e.g. `--part i/N`) into one; μ/γ recomputed for the whole."""
+    if not parts:
+        raise CompatibilityError("merge needs at least one cache")
+    manifests = [read_cache_manifest(p) for p in parts]
+    for p, m in zip(parts, manifests):
+        if not m.complete:
+            raise CompatibilityError(f"{p.uri}: cache is incomplete; finish or rerun it before merging")
+    for p, m in zip(parts[1:], manifests[1:]):
+        check_compatible(manifests[0], m, parts[0].uri, p.uri)
+    seen: dict[str, str] = {}
+    for p, m in zip(parts, manifests):
+        for ids in iter_column(p, m, "sample_id"):
+            for sid in ids:
+                if sid in seen:
+                    raise CompatibilityError(f"sample {sid!r} is in both {seen[sid]} and {p.uri}; parts must be disjoint")
+                seen[sid] = p.uri
+    _require_empty(out)
+    merged = manifests[0].model_copy(deep=True)
+    merged.files, merged.complete = [], False
+    same_inputs = all(m.inputs == manifests[0].inputs for m in manifests)
+    merged.inputs = manifests[0].inputs if same_inputs else {f"part{i}.{k}": v for i, m in enumerate(manifests) for k, v in m.inputs.items()}
+    merged.config = {"merged_from": [{"uri": p.uri, "config": m.config} for p, m in zip(parts, manifests)]}
+    for i, (p, m) in enumerate(zip(parts, manifests)):
+        for j, entry in enumerate(m.files):
+            new = entry.model_copy(update={"path": shard_name(i, j)})
+            _copy_checked(p, entry, out, new.path)
+            merged.files.append(new)
+    merged.seq_logprob = seq_logprob_stats(iter_column(out, merged, "seq_logprob"))
+    merged.counts = {"rows": merged.rows, "tokens": merged.tokens}
+    merged.complete = True
+    out.write_manifest(merged)
+    return merged
+
+
+# push / pull -----------------------------------------------------------------------------------
+
+
+def _copy_checked(src: Folder, entry: FileEntry, dst: Folder, dst_rel: str) -> None:
+    """Copy one shard, hashing the bytes on the way; a mismatch leaves nothing at the destination."""
+    h = hashlib.sha256()
+    with src.open(entry.path) as fin, dst.atomic_open(dst_rel) as fout:
+        while chunk := fin.read(1 << 20):
+            h.update(chunk)
+            fout.write(chunk)
+        if h.hexdigest() != entry.sha256:
+            raise IntegrityError(f"{src.where(entry.path)}: sha256 does not match the manifest (corrupted or tampered); nothing copied for it")
+
+
+def copy_cache(src: Folder, dst: Folder) -> tuple[LogitCacheManifest, int]:
+    """Copy a complete cache between locations (push and pull), verified on the way: manifest
+    paths are checked to stay inside `dst`, each file's sha256 is checked while it streams, each
+    copied shard's schema and metadata are checked at the destination, and the manifest comes
+    last. Files already at the destination with the right size and hash are kept (resumable).
+    Returns the manifest and the number of files actually transferred."""
+    manifest = read_cache_manifest(src)
+    if not manifest.complete:
+        raise IntegrityError(f"{src.uri}: cache is incomplete; only complete caches are shared")
+    if dst.has_manifest():
+        existing = read_cache_manifest(dst)
+        if existing.complete and existing.files == manifest.files:
+            return existing, 0
+        raise StorageError(f"{dst.uri}: holds a different cache already; choose a new destination")
+    dst.remove_temporaries()
+    transferred = 0
+    for entry in manifest.files:
+        if dst.exists(entry.path) and dst.size(entry.path) == entry.bytes and dst.sha256(entry.path) == entry.sha256:
+            continue
+        _copy_checked(src, entry, dst, entry.path)
+        transferred += 1
+        check_shard_header(dst, entry.path, open_shard(dst, entry.path), manifest)
+    dst.write_manifest(manifest)
+    return manifest, transferred
+

@@ -1,0 +1,272 @@
+"""The logit cache, format v1: Parquet shards of the proxy's top-k distributions + a manifest.
+
+One row per (prompt, teacher response) sample. The codec turns each sample's (T, k) top-k
+ids/logprobs into fixed-width streams stored as `list<...>` columns; Parquet's zstd does the
+entropy coding. Shards are written whole under a temporary name and renamed into place; the
+manifest is rewritten after every shard (complete=False) and finally with μ/γ (complete=True),
+so an interrupted writer resumes from its last committed shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pkd.codec import TopkCodec
+from pkd.errors import CompatibilityError, IntegrityError, ManifestError
+from pkd.records import LOGITS_FORMAT_VERSION, FileEntry, LogitCacheManifest, SeqLogprobStats, logit_cache_schema
+from pkd.store import Folder
+
+FILE_META_KEY = b"pkd"
+SHARD_DIR = "data"
+ROW_GROUP_ROWS = 256  # unit of streaming and of work split between ranks
+
+
+@dataclass
+class LogitSample:
+    """One scored sample. T = len(input_ids) - response_start response positions."""
+
+    sample_id: str
+    input_ids: np.ndarray  # (L,) int32: prompt + response, chat template applied
+    response_start: int
+    topk_ids: np.ndarray  # (T, k) int32, rank order
+    topk_logprobs: np.ndarray  # (T, k) float32, descending
+    token_logprob: np.ndarray  # (T,) float32: logprob of input_ids[response_start + t]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) - self.response_start
+
+    @property
+    def seq_logprob(self) -> float:
+        """ℓ: mean log-likelihood of the response under the proxy (DESIGN §1)."""
+        return float(np.mean(self.token_logprob, dtype=np.float64)) if self.num_tokens else 0.0
+
+
+def part_prefix(part: int) -> str:
+    return f"{SHARD_DIR}/part-{part:05d}-"
+
+
+def shard_name(part: int, index: int) -> str:
+    return f"{part_prefix(part)}{index:05d}.parquet"
+
+
+def file_metadata(manifest: LogitCacheManifest) -> dict[str, object]:
+    """What each shard says about itself, so a lone shard is still decodable."""
+    return {
+        "format_version": manifest.format_version,
+        "codec": manifest.codec,
+        "vocab_size": manifest.vocab_size,
+        "tokenizer_fingerprint": manifest.tokenizer_fingerprint,
+        "proxy_fingerprint": manifest.proxy_fingerprint,
+        "teacher_model": manifest.teacher_model,
+    }
+
+
+def encode_table(samples: list[LogitSample], codec: TopkCodec) -> pa.Table:
+    """Samples -> Arrow table of the v1 schema (codec streams sliced per row)."""
+    lengths = np.array([s.num_tokens for s in samples], dtype=np.int64)
+    for s in samples:
+        if s.topk_ids.shape != (s.num_tokens, codec.k) or s.topk_logprobs.shape != (s.num_tokens, codec.k):
+            raise ValueError(f"sample {s.sample_id}: top-k arrays must be ({s.num_tokens}, {codec.k})")
+    ids = np.concatenate([s.topk_ids for s in samples]) if samples else np.zeros((0, codec.k), np.int32)
+    lps = np.concatenate([s.topk_logprobs for s in samples]) if samples else np.zeros((0, codec.k), np.float32)
+    streams = codec.encode(ids, lps.astype(np.float32, copy=False))
+    schema = logit_cache_schema(codec.streams())
+    token_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    columns: dict[str, pa.Array] = {
+        "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
+        "input_ids": pa.array([np.asarray(s.input_ids, np.int32) for s in samples], pa.list_(pa.int32())),
+        "response_start": pa.array([s.response_start for s in samples], pa.int32()),
+        "num_tokens": pa.array(lengths, pa.int32()),
+        "token_logprob": pa.array([np.asarray(s.token_logprob, np.float32) for s in samples], pa.list_(pa.float32())),
+        "seq_logprob": pa.array([s.seq_logprob for s in samples], pa.float64()),
+    }
+    for name, (dtype, width) in codec.streams().items():
+        flat = pa.array(streams[name].astype(dtype, copy=False))
+        columns[name] = pa.ListArray.from_arrays(pa.array(token_offsets * width, pa.int32()), flat)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def write_shard(folder: Folder, rel: str, samples: list[LogitSample], manifest: LogitCacheManifest, codec: TopkCodec, zstd_level: int = 9) -> FileEntry:
+    """Encode and write one shard atomically; returns its manifest entry."""
+    table = encode_table(samples, codec)
+    table = table.replace_schema_metadata({FILE_META_KEY: json.dumps(file_metadata(manifest)).encode()})
+    stream_cols = set(codec.streams())
+    encodings = {f"{name}.list.element": enc for name, enc in codec.parquet_encodings().items()}
+    encodings["token_logprob.list.element"] = "BYTE_STREAM_SPLIT"
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        compression="zstd",
+        compression_level=zstd_level,
+        row_group_size=ROW_GROUP_ROWS,
+        use_dictionary=[c for c in table.column_names if c not in stream_cols and c != "token_logprob"],
+        column_encoding=encodings,
+    )
+    data = buf.getvalue()
+    folder.write_bytes(rel, data)
+    return FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=len(samples), tokens=int(table["num_tokens"].to_numpy().sum()) if len(samples) else 0)
+
+
+def open_shard(folder: Folder, rel: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(folder.open(rel))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IntegrityError(f"{folder.where(rel)}: not a readable Parquet file ({e})") from None
+
+
+def check_shard_header(folder: Folder, rel: str, pf: pq.ParquetFile, manifest: LogitCacheManifest) -> None:
+    """A shard must carry the schema and metadata its manifest promises."""
+    expected = logit_cache_schema(TopkCodec.from_spec(manifest.codec).streams())
+    actual = pf.schema_arrow
+    if not actual.remove_metadata().equals(expected):
+        raise IntegrityError(f"{folder.where(rel)}: schema differs from logit-cache format v{LOGITS_FORMAT_VERSION}: got {actual.remove_metadata()}")
+    raw = (actual.metadata or {}).get(FILE_META_KEY)
+    meta = json.loads(raw) if raw else None
+    if meta != file_metadata(manifest):
+        raise IntegrityError(f"{folder.where(rel)}: file metadata does not match the manifest (codec, vocab or fingerprints differ)")
+
+
+def decode_batch(batch: pa.RecordBatch, codec: TopkCodec) -> list[LogitSample]:
+    """Decode one record batch into samples (vectorised over the whole batch)."""
+    lengths = batch.column("num_tokens").to_numpy().astype(np.int64)
+    n = int(lengths.sum())
+    streams = {name: batch.column(name).flatten().to_numpy(zero_copy_only=False) for name in codec.streams()}
+    ids, lps = codec.decode(streams, n)  # (N, k) each
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    token_lp = batch.column("token_logprob").flatten().to_numpy(zero_copy_only=False)
+    input_ids = batch.column("input_ids")
+    sample_ids = batch.column("sample_id").to_pylist()
+    starts = batch.column("response_start").to_numpy()
+    out = []
+    for i in range(batch.num_rows):
+        a, b = bounds[i], bounds[i + 1]
+        out.append(
+            LogitSample(
+                sample_id=sample_ids[i],
+                input_ids=input_ids[i].values.to_numpy(zero_copy_only=False),
+                response_start=int(starts[i]),
+                topk_ids=ids[a:b],
+                topk_logprobs=lps[a:b],
+                token_logprob=token_lp[a:b],
+            )
+        )
+    return out
+
+
+def iter_samples(folder: Folder, manifest: LogitCacheManifest, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[LogitSample]:
+    """Stream every sample of a cache, shard by shard (never the whole cache in memory)."""
+    codec = TopkCodec.from_spec(manifest.codec)
+    for entry in manifest.files:
+        pf = open_shard(folder, entry.path)
+        check_shard_header(folder, entry.path, pf, manifest)
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            yield from decode_batch(batch, codec)
+
+
+def iter_column(folder: Folder, manifest: LogitCacheManifest, column: str) -> Iterator[np.ndarray]:
+    """Stream one scalar column (e.g. seq_logprob) across shards, batch by batch."""
+    for entry in manifest.files:
+        for batch in open_shard(folder, entry.path).iter_batches(columns=[column]):
+            yield batch.column(0).to_numpy(zero_copy_only=False)
+
+
+def seq_logprob_stats(values: Iterable[np.ndarray]) -> SeqLogprobStats:
+    """μ, γ of ℓ over the whole set, one streaming pass (Chan et al. parallel merge of moments)."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for v in values:
+        v = np.asarray(v, np.float64)
+        if not len(v):
+            continue
+        n_b, mean_b = len(v), float(v.mean())
+        m2_b = float(((v - mean_b) ** 2).sum())
+        delta = mean_b - mean
+        total = count + n_b
+        mean += delta * n_b / total
+        m2 += m2_b + delta * delta * count * n_b / total
+        count = total
+    gamma = math.sqrt(m2 / count) if count else 0.0
+    return SeqLogprobStats(mu=mean, gamma=gamma, count=count)
+
+
+def check_compatible(a: LogitCacheManifest, b: LogitCacheManifest, a_name: str, b_name: str) -> None:
+    """Caches can be joined only if a student could train on both as one: say what differs."""
+    fields = ("format_version", "codec", "vocab_size", "tokenizer_fingerprint", "proxy_fingerprint", "teacher_model")
+    diffs = [f"{f}: {getattr(a, f)!r} vs {getattr(b, f)!r}" for f in fields if getattr(a, f) != getattr(b, f)]
+    if diffs:
+        raise CompatibilityError(f"{a_name} and {b_name} cannot be merged, they differ in " + "; ".join(diffs))
+
+
+class LogitCacheWriter:
+    """Appends scored samples to a cache folder as shards of `shard_rows` rows.
+
+    Resumable: on a folder left by an interrupted run with the same header, it drops
+    temporaries and shards the manifest does not list (renamed but never committed), keeps
+    the committed ones, and `committed_ids()` tells the caller what not to score again."""
+
+    def __init__(self, folder: Folder, header: LogitCacheManifest, *, shard_rows: int = 1024, part: int = 0, zstd_level: int = 9) -> None:
+        self.folder, self.shard_rows, self.part, self.zstd_level = folder, shard_rows, part, zstd_level
+        self.codec = TopkCodec.from_spec(header.codec)
+        self.manifest = header.model_copy(deep=True)
+        if folder.has_manifest():
+            existing = folder.read_manifest(LogitCacheManifest)
+            assert isinstance(existing, LogitCacheManifest)
+            same = ("codec", "vocab_size", "tokenizer_fingerprint", "proxy_fingerprint", "teacher_model", "inputs", "config")
+            changed = [f for f in same if getattr(existing, f) != getattr(header, f)]
+            if changed:
+                raise ManifestError(
+                    f"{folder.where('manifest.json')}: this folder holds a cache made with different {', '.join(changed)}; "
+                    "write to a new folder (or delete this one) instead of mixing them"
+                )
+            self.manifest = existing
+        folder.remove_temporaries()
+        listed = {f.path for f in self.manifest.files}
+        for rel in folder.listdir(SHARD_DIR):
+            if rel not in listed:
+                folder.remove(rel)
+        self._buffer: list[LogitSample] = []
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
+
+    def committed_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for entry in self.manifest.files:
+            for batch in open_shard(self.folder, entry.path).iter_batches(columns=["sample_id"]):
+                ids.update(batch.column(0).to_pylist())
+        return ids
+
+    def add(self, sample: LogitSample) -> None:
+        self._buffer.append(sample)
+        if len(self._buffer) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        rel = shard_name(self.part, sum(f.path.startswith(part_prefix(self.part)) for f in self.manifest.files))
+        entry = write_shard(self.folder, rel, self._buffer, self.manifest, self.codec, self.zstd_level)
+        self.manifest.files.append(entry)
+        self.manifest.complete = False
+        self.folder.write_manifest(self.manifest)
+        self._buffer = []
+
+    def close(self) -> LogitCacheManifest:
+        """Commit the last shard, compute μ/γ over the whole cache, mark it complete."""
+        self.flush()
+        self.manifest.seq_logprob = seq_logprob_stats(iter_column(self.folder, self.manifest, "seq_logprob"))
+        self.manifest.counts = {"rows": self.manifest.rows, "tokens": self.manifest.tokens}
+        self.manifest.complete = True
+        self.folder.write_manifest(self.manifest)
+        return self.manifest

@@ -1,0 +1,433 @@
+"""`pkd teacher-sample`: prompts -> teacher responses from a paid, flaky, rate-limited API.
+
+Output folder (local path or fsspec URI):
+  shards/part-NNNNN.parquet  kept samples, zstd, schema `sample_schema()`
+  ledger/part-NNNNN.jsonl    one line per prompt handled by that commit: ok, filtered or failed
+  failures.jsonl             every prompt that failed for good, with its error kind and message
+  manifest.json              rewritten after every commit (complete=false), complete=true at the end
+
+A commit writes its shard, its ledger, then the manifest listing both, each atomically, and all n
+samples of a prompt go into the same commit: a prompt is done exactly when a listed ledger names
+it. Resuming drops temporaries and unlisted files and requests only the prompts no listed ledger
+names, so after `kill -9` every (prompt_id, sample_index) is written once and nothing committed is
+requested again.
+
+Requests: one chat completion per prompt asking for n choices, `concurrency` in flight. The retry
+policy is ours (the openai client's is off): connection errors, timeouts, 408/409/429/5xx and
+malformed responses back off exponentially with jitter, honouring Retry-After (a 429 pauses every
+worker); a prompt that still fails, or gets another 4xx, is recorded and the run goes on until
+`max_failures`; errors that doom every request (401/403 key, 404 model, unreachable host) stop
+the run at once. The API key comes from the environment, is scrubbed from every message and is
+never stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pkd.config import RunConfig, TeacherSampleConfig
+from pkd.errors import ConfigError, EndpointError, FailureBudgetError, InputError, PkdError
+from pkd.progress import RequestProgress
+from pkd.prompts import Prompt, load_prompts, prompts_fingerprint
+from pkd.records import FileEntry, Manifest
+from pkd.splits import split_of
+from pkd.store import Folder
+
+# Fields that decide what a folder holds; the rest (endpoint URL, concurrency, retries, limit)
+# may change between a run and its resumption.
+SAMPLING_KEYS = ("model", "system_prompt", "n", "temperature", "top_p", "max_tokens", "seed", "top_logprobs", "keep_truncated", "split_ratios")
+SHARDS, LEDGER, FAILURES = "shards", "ledger", "failures.jsonl"
+RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
+DUMMY_KEY = "pkd-no-key"  # sent when the key variable is unset: a local server needs no auth
+
+
+def sample_schema() -> pa.Schema:
+    """One row per kept teacher sample. `usage` is the whole request's (shared by its n rows)."""
+    text = pa.string()
+    return pa.schema([
+        pa.field("sample_id", text, nullable=False),  # "<prompt_id>#<sample_index>"
+        pa.field("prompt_id", text, nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),  # choice index in [0, n)
+        pa.field("split", text, nullable=False),  # warmup | align | distill (pkd.splits)
+        pa.field("messages", pa.list_(pa.struct([("role", text), ("content", text)])), nullable=False),  # as sent
+        pa.field("response", text, nullable=False),
+        pa.field("finish_reason", text),
+        pa.field("usage", pa.struct([("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())])),
+        pa.field("latency_s", pa.float32(), nullable=False),  # of the successful attempt
+        pa.field("teacher", text, nullable=False),  # model name the server reported
+        pa.field("reference", text),
+        pa.field("logprobs", pa.list_(pa.struct([  # per response token, with --top-logprobs only
+            ("token", text), ("logprob", pa.float32()), ("top_tokens", pa.list_(text)), ("top_logprobs", pa.list_(pa.float32())),
+        ]))),
+    ])  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    """What happened to one prompt: its kept rows and its ledger line."""
+
+    rows: list[dict[str, Any]]
+    ledger: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do; `--dry-run` prints it and sends nothing."""
+
+    out: str
+    base_url: str
+    model: str
+    prompts: int  # in the set, after --limit
+    done: int  # already committed in the output folder
+    todo: int  # prompts to request = requests to send before retries (n samples each)
+    samples: int  # todo × n
+    max_completion_tokens: int  # todo × n × max_tokens, an upper bound
+    splits: dict[str, int]  # todo prompts per split
+
+
+@dataclass(frozen=True)
+class Summary:
+    plan: Plan
+    counts: dict[str, int]  # the whole folder (manifest counts)
+    session: dict[str, int]  # this invocation only
+    elapsed_s: float
+
+
+def retry_after_s(headers: Any) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, or `Retry-After` as seconds or a date."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            return max(0.0, float(raw) * scale)
+        except ValueError:
+            pass
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+class _BadResponse(ValueError):
+    """A 200 whose body is not the chat completion asked for."""
+
+
+class Teacher:
+    """Sends one prompt's request under our retry policy and turns the answer into rows."""
+
+    def __init__(self, cfg: TeacherSampleConfig, api_key: str | None) -> None:
+        from openai import AsyncOpenAI
+
+        self.cfg = cfg
+        self._secret = api_key
+        self.client = AsyncOpenAI(base_url=cfg.base_url, api_key=api_key or DUMMY_KEY, max_retries=0, timeout=cfg.request_timeout_s)
+        self._params: dict[str, Any] = dict(model=cfg.model, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_completion_tokens=cfg.max_tokens)
+        if cfg.seed is not None:
+            self._params["seed"] = cfg.seed
+        if cfg.top_logprobs is not None:
+            self._params |= dict(logprobs=True, top_logprobs=cfg.top_logprobs)
+        self._pause_until = 0.0  # time.monotonic() before which nobody sends (after a 429)
+        self._answered = False  # the server has answered once: a later connection error is transient
+        self._rng = random.Random()
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def messages(self, prompt: Prompt) -> list[dict[str, str]]:
+        if self.cfg.system_prompt is not None and prompt.messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.cfg.system_prompt}, *prompt.messages]
+        return prompt.messages
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1))
+        return cap / 2 + self._rng.uniform(0, cap / 2)  # "equal jitter": spread retries, keep growth
+
+    def _fatal(self, status: int, message: str) -> EndpointError | None:
+        cfg = self.cfg
+        if status in (401, 403):
+            why = f"${cfg.api_key_env} is not set" if not self._secret else f"check the key in ${cfg.api_key_env}"
+            return EndpointError(f"the teacher at {cfg.base_url} refused the API key (HTTP {status}): {why}, or read the key from another variable with --api-key-env")
+        if status == 404:
+            return EndpointError(f"the teacher at {cfg.base_url} answered 404 for model {cfg.model!r} ({message}): check --model, and that --base-url is the API root (usually ending in /v1)")
+        return None
+
+    async def sample(self, prompt: Prompt) -> Outcome:
+        import openai
+        from openai.types.chat import ChatCompletion
+
+        cfg, messages, attempt = self.cfg, self.messages(prompt), 0
+        while True:
+            if (wait := self._pause_until - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            attempt, retry_after = attempt + 1, None
+            start = time.perf_counter()
+            try:
+                resp = await self.client.chat.completions.create(messages=messages, **self._params)
+                if not isinstance(resp, ChatCompletion) or len(resp.choices) != cfg.n:
+                    got = f"{len(resp.choices)} choices" if isinstance(resp, ChatCompletion) else "a non-JSON body"
+                    raise _BadResponse(f"expected {cfg.n} choices, got {got}")
+                self._answered = True
+                return self._outcome(prompt, messages, resp, time.perf_counter() - start, attempt)
+            except openai.APIStatusError as e:
+                self._answered = True
+                kind, message = f"http_{e.status_code}", self.scrub(str(e.message))[:300]
+                if fatal := self._fatal(e.status_code, message):
+                    raise fatal from None
+                if e.status_code not in RETRY_STATUS and e.status_code < 500:
+                    return self._failed(prompt, attempt, kind, message)
+                retry_after = retry_after_s(e.response.headers)
+                if e.status_code == 429 and retry_after:
+                    self._pause_until = max(self._pause_until, time.monotonic() + retry_after)
+            except openai.APITimeoutError:
+                kind, message = "timeout", f"no answer within {cfg.request_timeout_s:g} s"
+            except openai.APIConnectionError as e:
+                message = self.scrub(str(e.__cause__ or e))
+                if not self._answered:
+                    raise EndpointError(f"cannot reach the teacher at {cfg.base_url} ({message}): is the server running and --base-url right?") from None
+                kind = "connection"
+            except ValueError as e:  # JSON decoding, response validation, _BadResponse
+                kind, message = "bad_response", f"malformed response: {self.scrub(str(e))[:300]}"
+            if attempt > cfg.max_retries:
+                if kind == "connection":
+                    raise EndpointError(f"lost the connection to the teacher at {cfg.base_url} ({message}) after {attempt} attempts; rerun to resume")
+                return self._failed(prompt, attempt, kind, f"{message} (gave up after {attempt} attempts)")
+            await asyncio.sleep(retry_after if retry_after is not None else self._backoff(attempt))
+
+    def _failed(self, prompt: Prompt, attempts: int, kind: str, message: str) -> Outcome:
+        error = {"kind": kind, "message": message}
+        return Outcome(rows=[], ledger={"prompt_id": prompt.id, "status": "failed", "samples": 0, "attempts": attempts, "error": error})
+
+    def _outcome(self, prompt: Prompt, messages: list[dict[str, str]], resp: Any, latency: float, attempts: int) -> Outcome:
+        """Rows for the kept choices; empty, truncated and duplicate responses are dropped and counted."""
+        cfg, usage = self.cfg, resp.usage
+        tokens = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens} if usage else None
+        split, dropped, seen, rows = split_of(prompt.id, cfg.split_ratios), Counter(), set(), []
+        for choice in sorted(resp.choices, key=lambda c: c.index):
+            text = choice.message.content or ""
+            reason = "empty" if not text.strip() else "truncated" if choice.finish_reason == "length" and not cfg.keep_truncated else "duplicate" if text in seen else None
+            if reason:
+                dropped[reason] += 1
+                continue
+            seen.add(text)
+            rows.append({
+                "sample_id": f"{prompt.id}#{choice.index}", "prompt_id": prompt.id, "sample_index": choice.index, "split": split,
+                "messages": messages, "response": text, "finish_reason": choice.finish_reason, "usage": tokens,
+                "latency_s": latency, "teacher": resp.model or cfg.model, "reference": prompt.reference, "logprobs": self._logprobs(choice),
+            })  # fmt: skip
+        ledger = {"prompt_id": prompt.id, "status": "ok" if rows else "filtered", "samples": len(rows), "attempts": attempts, "dropped": dict(dropped), **(tokens or {})}
+        return Outcome(rows=rows, ledger=ledger)
+
+    def _logprobs(self, choice: Any) -> list[dict[str, Any]] | None:
+        if self.cfg.top_logprobs is None or choice.logprobs is None or choice.logprobs.content is None:
+            return None
+        return [
+            {"token": t.token, "logprob": t.logprob, "top_tokens": [x.token for x in t.top_logprobs], "top_logprobs": [x.logprob for x in t.top_logprobs]}
+            for t in choice.logprobs.content
+        ]
+
+
+class Writer:
+    """Commits outcomes in batches: shard, ledger, failures file, then the manifest (each atomic)."""
+
+    def __init__(self, folder: Folder, manifest: Manifest, failures: list[dict[str, Any]], shard_size: int) -> None:
+        self.folder, self.manifest, self.failures, self.shard_size = folder, manifest, failures, shard_size
+        self.pending: list[Outcome] = []
+        self.pending_rows = 0
+        self.session: Counter[str] = Counter()  # this invocation, committed or pending
+        self.next_index = 1 + max((int(f.path.rsplit("-", 1)[1].split(".")[0]) for f in manifest.files if f.path.startswith(LEDGER + "/")), default=-1)
+        self._write_lock = threading.Lock()  # commits run in a worker thread and at exit
+        self._async_lock: asyncio.Lock | None = None
+
+    def add(self, outcome: Outcome) -> None:
+        self.pending.append(outcome)
+        self.pending_rows += len(outcome.rows)
+        self.session.update(_tally(outcome.ledger))
+
+    def _due(self) -> bool:
+        return max(len(self.pending), self.pending_rows) >= self.shard_size
+
+    async def commit_if_due(self) -> None:
+        """Commit in a thread so requests keep flowing; one commit at a time, in order."""
+        self._async_lock = self._async_lock or asyncio.Lock()
+        if not self._due():
+            return
+        async with self._async_lock:
+            if self._due():
+                batch = self._take()
+                await asyncio.to_thread(self.commit, batch, False)
+
+    def _take(self) -> list[Outcome]:
+        batch, self.pending, self.pending_rows = self.pending, [], 0
+        return batch
+
+    def flush(self, complete: bool) -> None:
+        self.commit(self._take(), complete)
+
+    def commit(self, batch: list[Outcome], complete: bool) -> None:
+        import pyarrow.parquet as pq
+
+        with self._write_lock:
+            m = self.manifest
+            if not batch and m.complete == complete:
+                return
+            if batch:
+                part = f"part-{self.next_index:05d}"
+                self.next_index += 1
+                rows = [r for o in batch for r in o.rows]
+                if rows:
+                    sink = pa.BufferOutputStream()
+                    pq.write_table(pa.Table.from_pylist(rows, schema=sample_schema()), sink, compression="zstd")
+                    m.files.append(self._put(f"{SHARDS}/{part}.parquet", sink.getvalue().to_pybytes(), len(rows)))
+                ledger = "".join(json.dumps(o.ledger, ensure_ascii=False) + "\n" for o in batch).encode()
+                m.files.append(self._put(f"{LEDGER}/{part}.jsonl", ledger, len(batch)))
+                failed = [o.ledger for o in batch if o.ledger["status"] == "failed"]
+                if failed:
+                    self.failures += failed
+                    data = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in self.failures).encode()
+                    m.files = [f for f in m.files if f.path != FAILURES] + [self._put(FAILURES, data, len(self.failures))]
+                counts = Counter(m.counts)
+                for o in batch:
+                    counts.update(_tally(o.ledger))
+                m.counts = dict(counts)
+            m.complete = complete
+            self.folder.write_manifest(m)
+
+    def _put(self, rel: str, data: bytes, rows: int) -> FileEntry:
+        import hashlib
+
+        self.folder.write_bytes(rel, data)
+        return FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=rows)
+
+
+def _tally(ledger: dict[str, Any]) -> Counter[str]:
+    """Manifest/summary counters contributed by one prompt's ledger line."""
+    c: Counter[str] = Counter(prompts_done=1, samples=ledger["samples"], requests=ledger["attempts"], retries=ledger["attempts"] - 1)
+    c["prompt_tokens"] += ledger.get("prompt_tokens") or 0
+    c["completion_tokens"] += ledger.get("completion_tokens") or 0
+    for reason, k in ledger.get("dropped", {}).items():
+        c[f"dropped_{reason}"] += k
+    if ledger["status"] == "failed":
+        c["failed"] += 1
+        c[f"failed_{ledger['error']['kind']}"] += 1
+    return +c
+
+
+def _read_jsonl(folder: Folder, rel: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in folder.read_bytes(rel).decode("utf-8").splitlines() if line]
+
+
+def _open_output(folder: Folder, fingerprint: str, config: dict[str, Any], clean: bool) -> tuple[Manifest, set[str], list[dict[str, Any]]]:
+    """The folder's manifest (a fresh one if none), the prompt ids already done and the failures
+    so far. With `clean`, temporaries and files no manifest lists are deleted (uncommitted work)."""
+    ours = lambda p: p.startswith((SHARDS + "/", LEDGER + "/")) or p == FAILURES  # noqa: E731
+    if not folder.has_manifest():
+        foreign = [p for p in folder.listdir() if not ours(p) and ".tmp-" not in p]
+        if foreign:
+            raise InputError(f"{folder.uri} is not empty ({foreign[0]}, ...) and holds no teacher-sample manifest: choose another --out")
+        if clean:
+            folder.remove_temporaries()
+            for p in folder.listdir():
+                folder.remove(p)
+        return Manifest(kind="teacher", inputs={"prompts": fingerprint}, config=config), set(), []
+    m = folder.read_manifest()
+    if m.kind != "teacher":
+        raise InputError(f"{folder.uri} holds a {m.kind!r} artifact, not teacher samples: choose another --out")
+    if m.inputs.get("prompts") != fingerprint:
+        raise ConfigError(f"{folder.uri} holds samples of a different prompt set ({m.inputs.get('prompts')}, now {fingerprint}): choose another --out")
+    changed = [f"{k}: {m.config.get(k)!r} there, {config[k]!r} now" for k in SAMPLING_KEYS if m.config.get(k) != config[k]]
+    if changed:
+        raise ConfigError(f"{folder.uri} holds samples made with other settings ({'; '.join(changed)}): choose another --out, or rerun with the same settings")
+    listed = {f.path for f in m.files}
+    if clean:
+        folder.remove_temporaries()
+        for p in folder.listdir():
+            if ours(p) and p not in listed:
+                folder.remove(p)
+    done = {line["prompt_id"] for f in m.files if f.path.startswith(LEDGER + "/") for line in _read_jsonl(folder, f.path)}
+    failures = _read_jsonl(folder, FAILURES) if FAILURES in listed else []
+    m.config = config
+    return m, done, failures
+
+
+def _prepare(cfg: TeacherSampleConfig, run: RunConfig, clean: bool) -> tuple[Plan, list[Prompt], Folder, Manifest, list[dict[str, Any]]]:
+    if not cfg.prompts:
+        raise ConfigError("no prompt set: pass --prompts PATH or set [teacher_sample] prompts in the recipe")
+    prompts = load_prompts(cfg.prompts)
+    fingerprint = prompts_fingerprint(prompts)
+    prompts = prompts[: cfg.limit]
+    folder = Folder(cfg.out or run.artifact_dir("teacher"))
+    manifest, done, failures = _open_output(folder, fingerprint, cfg.model_dump(mode="json"), clean)
+    todo = [p for p in prompts if p.id not in done]
+    plan = Plan(
+        out=folder.uri, base_url=cfg.base_url, model=cfg.model, prompts=len(prompts), done=len(prompts) - len(todo), todo=len(todo),
+        samples=len(todo) * cfg.n, max_completion_tokens=len(todo) * cfg.n * cfg.max_tokens,
+        splits=dict(Counter(split_of(p.id, cfg.split_ratios) for p in todo)),
+    )  # fmt: skip
+    return plan, todo, folder, manifest, failures
+
+
+def plan_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig) -> Plan:
+    """Validate everything and count the work; reads the output folder, changes and sends nothing."""
+    return _prepare(cfg, run, clean=False)[0]
+
+
+async def _sample_all(todo: list[Prompt], cfg: TeacherSampleConfig, writer: Writer, bar: RequestProgress) -> None:
+    teacher = Teacher(cfg, os.environ.get(cfg.api_key_env) or None)
+    queue = iter(todo)  # shared by the workers: each prompt is taken exactly once
+
+    async def worker() -> None:
+        for prompt in queue:
+            outcome = await teacher.sample(prompt)
+            writer.add(outcome)
+            failed = outcome.ledger["status"] == "failed"
+            bar.update(done=1, requests=outcome.ledger["attempts"], tokens=outcome.ledger.get("completion_tokens") or 0, failures=int(failed))
+            if failed and writer.session["failed"] > cfg.max_failures:
+                kinds = ", ".join(f"{k[7:]}: {v}" for k, v in sorted(writer.session.items()) if k.startswith("failed_"))
+                raise FailureBudgetError(
+                    f"{writer.session['failed']} prompts failed for good ({kinds}), over the budget of {cfg.max_failures} "
+                    f"(--max-failures); see {writer.folder.where(FAILURES)}. Committed work is kept: fix the cause and rerun to continue"
+                )
+            await writer.commit_if_due()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(cfg.concurrency, len(todo))):
+                group.create_task(worker())
+    except BaseExceptionGroup as eg:  # a worker's PkdError cancelled the others: surface that one
+        first = next((e for e in eg.exceptions if isinstance(e, PkdError)), None)
+        if first is None:
+            raise
+        raise first from None
+    finally:
+        await teacher.client.close()
+
+
+def run_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig, *, progress: bool = True) -> Summary:
+    """Sample the teacher for every prompt not yet in the output folder; resumable at any point."""
+    start = time.monotonic()
+    plan, todo, folder, manifest, failures = _prepare(cfg, run, clean=True)
+    manifest.counts["prompts"] = plan.prompts
+    writer = Writer(folder, manifest, failures, cfg.shard_size)
+    if not todo and manifest.complete:
+        return Summary(plan, dict(manifest.counts), {}, time.monotonic() - start)
+    with RequestProgress(plan.prompts, done=plan.done, description="teacher-sample", enabled=progress) as bar:
+        try:
+            if todo:
+                asyncio.run(_sample_all(todo, cfg, writer, bar))
+        finally:
+            writer.flush(complete=False)  # whatever was answered is paid for: keep it
+    writer.flush(complete=True)
+    return Summary(plan, dict(manifest.counts), dict(writer.session), time.monotonic() - start)

@@ -1,0 +1,135 @@
+"""All file access goes through `Folder`: one fsspec location (local path or URI such as
+`s3://bucket/run`, `hf://...`, `memory://...`) with atomic writes, sha256 and manifests.
+
+Atomicity: a file is written under a temporary name and renamed into place when complete, and
+the manifest is written last, so a crash never leaves a file that looks complete and is not.
+On object stores the rename is a copy, but the object only appears once fully uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+from fsspec.registry import known_implementations
+from fsspec.core import url_to_fs
+
+from pkd.errors import ManifestError, StorageError
+from pkd.records import MANIFEST_NAME, Manifest, check_relative_path, dump_manifest, parse_manifest
+
+_CHUNK = 1 << 20
+TMP_MARK = ".tmp-"
+
+
+def _backend_hint(uri: str) -> str:
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    known = known_implementations.get(protocol)
+    if known is None:
+        return f"unknown storage protocol {protocol!r} in {uri!r}"
+    return f"{protocol}:// needs an extra package: {known.get('err') or 'see fsspec docs'}"
+
+
+class Folder:
+    """A directory on any fsspec filesystem; every path argument is relative to it."""
+
+    def __init__(self, uri: str, **storage_options: Any) -> None:
+        self.uri = str(uri).rstrip("/") or "/"
+        try:
+            self.fs, self.root = url_to_fs(self.uri, **storage_options)
+        except ImportError:
+            raise StorageError(_backend_hint(self.uri)) from None
+        except ValueError as e:
+            if "Protocol not known" in str(e) or "not known" in str(e):
+                raise StorageError(_backend_hint(self.uri)) from None
+            raise StorageError(f"{self.uri}: {e}") from None
+        self.root = self.root.rstrip("/") or "/"
+
+    def __repr__(self) -> str:
+        return f"Folder({self.uri!r})"
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, check_relative_path(rel))
+
+    def where(self, rel: str) -> str:
+        """Human-readable location of `rel`, for error messages."""
+        return f"{self.uri}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Relative paths of all files below `rel` (recursive)."""
+        base = self.path(rel) if rel else self.root
+        if not self.fs.exists(base):
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.find(base))
+
+    def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
+        try:
+            return self.fs.open(self.path(rel), mode)
+        except FileNotFoundError:
+            raise StorageError(f"{self.where(rel)}: file not found") from None
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.open(rel) as f:
+            return f.read()
+
+    @contextmanager
+    def atomic_open(self, rel: str) -> Iterator[IO[bytes]]:
+        """Write to a temporary sibling, rename into place only if the block succeeds."""
+        final = self.path(rel)
+        tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                yield f
+            self.fs.mv(tmp, final)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.atomic_open(rel) as f:
+            f.write(data)
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.rm(self.path(rel))
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete leftovers of interrupted atomic writes (never complete files)."""
+        leftovers = [p for p in self.listdir() if TMP_MARK in posixpath.basename(p)]
+        for p in leftovers:
+            self.fs.rm(self.path(p))
+        return leftovers
+
+    def sha256(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.open(rel) as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+    # manifests -------------------------------------------------------------------------------
+
+    def has_manifest(self) -> bool:
+        return self.exists(MANIFEST_NAME)
+
+    def read_manifest(self, model: type[Manifest] = Manifest) -> Manifest:
+        if not self.exists(MANIFEST_NAME):
+            raise ManifestError(f"{self.where(MANIFEST_NAME)}: no manifest here; is {self.uri!r} an artifact folder written by pkd?")
+        text = self.read_bytes(MANIFEST_NAME).decode("utf-8", errors="replace")
+        return parse_manifest(text, self.where(MANIFEST_NAME), model)
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self.write_bytes(MANIFEST_NAME, dump_manifest(manifest).encode())
+

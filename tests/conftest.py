@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny model family built once per session, and a real vLLM server over its
+teacher. Both are session-scoped because they cost seconds (family) and ~20 s (server) to make."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pkd.serve import VllmServer, vllm_server
+from pkd.tiny import TinyFamily, build_family
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    """Tokenizer, student, proxy and teacher sharing one vocabulary (float32, random init)."""
+    return build_family(tmp_path_factory.mktemp("tiny-family"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(
+    tiny_family: TinyFamily, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
+    """An OpenAI-compatible vLLM server over the tiny teacher, served as "teacher"; float32 so
+    its numbers match transformers. Its log stays in the session's tmp dir for debugging."""
+    log = tmp_path_factory.mktemp("vllm-teacher") / "server.log"
+    with vllm_server(
+        tiny_family.teacher, served_model_name="teacher", dtype="float32", log_path=log
+    ) as server:
+        yield server

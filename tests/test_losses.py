@@ -1,0 +1,124 @@
+"""The chunked Proxy-KD loss against a dense full-vocabulary reference, hand-computed cases and a
+float64 gradient check."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pkd.losses import IGNORE_INDEX, proxy_kd_loss, sample_weights
+
+
+def dense_reference(logits, shift_labels, proxy_logp, weights, k, *, alpha, tail, tau):
+    """Plain autograd over the full vocabulary: the proxy's full distribution truncated to its
+    top-k (+ rest bucket), the student's full softmax aggregated into the same buckets."""
+    B, L, V = logits.shape
+    logq = torch.log_softmax(logits.double(), -1)  # (B, L, V)
+    total = logits.new_zeros((), dtype=torch.float64)
+    for b in range(B):
+        for t in range(L):
+            y = int(shift_labels[b, t])
+            if y == IGNORE_INDEX:
+                continue
+            lp, ids = proxy_logp[b, t].double().topk(k)  # (k,)
+            qs = logq[b, t, ids]  # (k,)
+            if tail == "tail":
+                rest = torch.ones(V, dtype=torch.bool)
+                rest[ids] = False
+                a = torch.cat([lp, torch.log1p(-lp.exp().sum()).reshape(1)])
+                bq = torch.cat([qs, torch.logsumexp(logq[b, t, rest], 0).reshape(1)])
+            else:
+                a, bq = lp, qs
+            log_p, log_s = torch.log_softmax(a / tau, 0), torch.log_softmax(bq / tau, 0)
+            kl = tau * tau * (log_p.exp() * (log_p - log_s)).sum()
+            total = total + (-logq[b, t, y]) + alpha * weights[b] * kl
+    return total
+
+
+def make_case(B=2, L=7, V=40, k=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, L, V, generator=g) * 2).to(dtype)
+    proxy_logp = torch.log_softmax(torch.randn(B, L, V, generator=g) * 3, -1)  # (B, L, V)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, :2] = IGNORE_INDEX  # prompt positions
+    labels[1, -3:] = IGNORE_INDEX  # right padding
+    lp, ids = proxy_logp.topk(k, dim=-1)  # (B, L, k) rank order
+    weights = torch.rand(B, generator=g, dtype=torch.float64)
+    return logits, labels, ids, lp.float(), weights, proxy_logp
+
+
+@pytest.mark.parametrize("tail", ["tail", "renorm"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_matches_dense_reference_value_and_gradient(tail, tau, chunk_rows):
+    logits, labels, ids, lp, w, proxy_logp = make_case()
+    x = logits.clone().requires_grad_(True)
+    out = proxy_kd_loss(x, labels, ids, lp, w, alpha=0.7, tail=tail, temperature=tau, chunk_rows=chunk_rows)
+    out.loss.backward()
+    ref_x = logits.clone().requires_grad_(True)
+    # the reference truncates the float32-rounded proxy logprobs, as the cache stores them
+    ref = dense_reference(ref_x, labels, proxy_logp.float(), w, ids.shape[-1], alpha=0.7, tail=tail, tau=tau)
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-6, atol=1e-9)
+    assert int(out.tokens) == int((labels != IGNORE_INDEX).sum())
+
+
+def test_hand_computed_small_cases():
+    z = torch.zeros(1, 1, 3, dtype=torch.float64, requires_grad=True)  # q = (1/3, 1/3, 1/3)
+    y = torch.tensor([[1]])
+    w = torch.ones(1, dtype=torch.float64)
+    # tail: proxy top-1 = id 0 with p 0.5 -> P = (.5, .5), Q = (1/3, 2/3)
+    out = proxy_kd_loss(z, y, torch.tensor([[[0]]]), torch.tensor([[[math.log(0.5)]]]), w, alpha=1.0)
+    kl = 0.5 * math.log(0.5 / (1 / 3)) + 0.5 * math.log(0.5 / (2 / 3))
+    assert out.nll.item() == pytest.approx(math.log(3))
+    assert out.kl.item() == pytest.approx(kl)
+    assert out.loss.item() == pytest.approx(math.log(3) + kl)
+    out.loss.backward()
+    # nll: q - onehot(1) = (1/3, -2/3, 1/3); kl: g = (-1/6, 1/6) -> (-1/6, 1/12, 1/12)
+    expected = torch.tensor([1 / 3 - 1 / 6, -2 / 3 + 1 / 12, 1 / 3 + 1 / 12], dtype=torch.float64)
+    torch.testing.assert_close(z.grad.view(-1), expected)
+    # renorm: top-2 = (0, 1) with p (.5, .25) -> P = (2/3, 1/3), Q = (1/2, 1/2)
+    out = proxy_kd_loss(z.detach(), y, torch.tensor([[[0, 1]]]), torch.log(torch.tensor([[[0.5, 0.25]]])), w, tail="renorm")
+    assert out.kl.item() == pytest.approx(2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3))
+
+
+def test_alpha_zero_is_cross_entropy():
+    logits, labels, ids, lp, w, _ = make_case(dtype=torch.float32)
+    x = logits.clone().requires_grad_(True)
+    out = proxy_kd_loss(x, labels, ids, lp, w, alpha=0.0)
+    (out.loss / out.tokens).backward()
+    y = logits.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(y.view(-1, y.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX)
+    ref.backward()
+    assert out.loss.item() / int(out.tokens) == pytest.approx(ref.item(), rel=1e-5)
+    assert out.kl.item() == 0.0
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_logits_keep_their_dtype_and_stay_close():
+    logits, labels, ids, lp, w, _ = make_case(dtype=torch.float32)
+    x16 = logits.to(torch.bfloat16).requires_grad_(True)
+    out16 = proxy_kd_loss(x16, labels, ids, lp, w, chunk_rows=4)
+    out16.loss.backward()
+    assert x16.grad.dtype == torch.bfloat16
+    x32 = logits.to(torch.bfloat16).float().requires_grad_(True)
+    out32 = proxy_kd_loss(x32, labels, ids, lp, w)
+    out32.loss.backward()
+    assert out16.loss.float().item() == pytest.approx(out32.loss.item(), rel=1e-2)
+    torch.testing.assert_close(x16.grad.float(), x32.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("tail", ["tail", "renorm"])
+def test_gradcheck_float64(tail):
+    logits, labels, ids, lp, w, _ = make_case(B=2, L=3, V=9, k=3, seed=1)
+    fn = lambda x: proxy_kd_loss(x, labels, ids, lp.double(), w, alpha=0.8, tail=tail, temperature=1.5, chunk_rows=2).loss  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits.clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+def test_sample_weights():
+    ell = torch.tensor([-2.0, -1.0, 0.0])
+    torch.testing.assert_close(sample_weights(ell, -1.0, 1.0), torch.sigmoid(torch.tensor([-1.0, 0.0, 1.0])))
+    torch.testing.assert_close(sample_weights(ell, -1.0, 0.0), torch.full((3,), 0.5))

@@ -1,6 +1,6 @@
 """Benchmark `pkd teacher-sample` against the two obvious ways of calling a chat API.
 
-    python bench/teacher_sample.py [--prompts 256] [--concurrency 16] [--max-tokens 32]
+    python bench/teacher_sample.py [--prompts 128] [--concurrency 16] [--max-tokens 32]
 
 Throughput: a real vLLM server (CPU) over the tiny teacher of `pkd.tiny` (built once under
 cache/bench/tiny-family), the same prompts for every contender, after a warm-up pass over all of
@@ -50,7 +50,7 @@ async def _instant(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 
 def serve_instant(port: int) -> None:
     async def main() -> None:
-        server = await asyncio.start_server(_instant, "127.0.0.1", port, backlog=1024)
+        server = await asyncio.start_server(_instant, "127.0.0.1", port, backlog=4096)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -78,7 +78,7 @@ def _prompts_file(n: int, folder: Path) -> tuple[Path, list[str]]:
 def sequential(base_url: str, model: str, texts: list[str], max_tokens: int) -> int:
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key="x", max_retries=0)
+    client = OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=600.0)
     for t in texts:
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": t}], max_completion_tokens=max_tokens, seed=0)
     return len(texts)
@@ -88,7 +88,7 @@ def gather(base_url: str, model: str, texts: list[str], max_tokens: int) -> int:
     async def main() -> int:
         from openai import AsyncOpenAI
 
-        client = AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0)
+        client = AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=600.0)  # 600 s connect too: thousands of connections at once are slow to open
         msgs = [[{"role": "user", "content": t}] for t in texts]
         out = await asyncio.gather(*(client.chat.completions.create(model=model, messages=m, max_completion_tokens=max_tokens, seed=0) for m in msgs))
         await client.close()
@@ -117,7 +117,7 @@ def timed(fn, *args) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--overhead-requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16, help="pkd's, = the server's max-num-seqs")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -133,7 +133,7 @@ def main() -> None:
     from pkd.serve import free_port, vllm_server
     from pkd.tiny import build_family
 
-    console = Console()
+    console = Console(width=120)
     results: dict[str, dict] = {"overhead": {}, "throughput": {}}
     with tempfile.TemporaryDirectory() as tmp:
         # client overhead against an instant server in another process

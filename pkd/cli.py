@@ -249,5 +249,225 @@ def teacher_sample(
     console.print(t)
 
 
+# pkd train-student ------------------------------------------------------------------------------
+
+
+@app.command("train-student")
+def train_student(
+    cache: Annotated[str | None, typer.Option(help="Logit cache folder or URI (default: <run.root>/<run.name>/logits).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student base model directory.")] = None,
+    recipe: RecipeOption = None,
+    out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/student).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="KD strength α; 0 = plain SFT on the teacher's tokens.")] = None,
+    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket) or 'renorm'.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).")] = None,
+    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="w = 1 instead of σ((ℓ − μ)/γ).")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per device per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the cache (sets max_steps unless given).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
+    data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.")] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).")] = None,
+    assign: SetOption = None,
+) -> None:
+    """Distil the logit cache into the student (Proxy-KD); resumes from the last checkpoint in --out."""
+    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.steps.train_student import train_student as run_train_student
+
+    r = load_recipe(recipe)
+    for section, values in parse_assignments(assign or []).items():
+        r = override(r, section, values, source="--set")
+    flags = dict(
+        cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights,
+        lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
+        epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
+        dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed,
+    )  # fmt: skip
+    r = override(r, "train_student", flags)
+    res = run_train_student(r.train_student, r.run)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
+    console.print(f"[green]{res.status}[/] {res.out}: {res.steps:,} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tokens/s; {final or '-'}")
+
+
+# pkd eval ---------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
+    samples: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
+    recipe: RecipeOption = None,
+    base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
+    out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    assign: SetOption = None,
+) -> None:
+    """Score a model on held-out teacher samples: NLL per token, top-1 agreement, exact match."""
+    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.steps.evaluate import evaluate as run_evaluate
+
+    r = load_recipe(recipe)
+    for section, values in parse_assignments(assign or []).items():
+        r = override(r, section, values, source="--set")
+    flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, out=out)
+    r = override(r, "eval", flags)
+    report = run_evaluate(r.eval, r.run)
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    t = Table(title=f"eval {report['model']} on {report['samples']} ({report['split']})", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    for key, label in (("rows", "samples"), ("tokens", "response tokens"), ("nll_per_token", "NLL / token"), ("perplexity", "perplexity"), ("top1_agreement", "top-1 agreement"), ("exact_match", "exact match")):
+        value = report.get(key)
+        t.add_row(label, "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+    if report.get("exact_match") is not None:
+        t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
+    console.print(t)
+
+# pkd proxy-align -------------------------------------------------------------------------------
+
+
+@app.command("proxy-align")
+def proxy_align(
+    model: Annotated[str | None, typer.Option(help="Proxy base model: local HF directory or hub id.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
+    recipe: RecipeOption = None,
+    out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/proxy).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model, only to check the vocabularies match (default: [train_student] student).")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (one vLLM serves: 1, 8, 16, 32, 64, 128, 256, 320, 512).")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha.")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
+    lora_target: Annotated[str | None, typer.Option(help="LoRA target modules: 'all-linear' or comma-separated names.")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate (warm-up and rounds).")] = None,
+    lr_scheduler: Annotated[str | None, typer.Option(help="transformers scheduler name, e.g. constant, cosine.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples (pairs) per device per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of warm-up SFT on D_w (0: skip).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs over each round's pairs.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens kept per sample.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Alignment rounds K (0: warm-up only).")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="D_p prompts per round (default: D_p / rounds).")] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO β.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Proxy sampling temperature.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Proxy nucleus sampling mass.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Proxy response length cap in tokens.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM may take while it samples.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out teacher samples in the report.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    assign: SetOption = None,
+) -> None:
+    """Align the proxy to the teacher: warm-up SFT on D_w, then K rounds of DPO + NLL; resumable."""
+    from pkd.align.report import table
+    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.steps.proxy_align import run_proxy_align
+
+    r = load_recipe(recipe)
+    for section, values in parse_assignments(assign or []).items():
+        r = override(r, section, values, source="--set")
+    flags = dict(
+        model=model, teacher=teacher, out=out, student=student, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, lora_target=lora_target, learning_rate=learning_rate, lr_scheduler=lr_scheduler,
+        per_device_batch_size=batch_size, grad_accum=grad_accum, warmup_epochs=warmup_epochs, epochs=epochs, max_length=max_length,
+        rounds=rounds, chunk_size=chunk_size, beta=beta, engine=engine, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
+        precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
+    )  # fmt: skip
+    r = override(r, "proxy_align", flags)
+    s = run_proxy_align(r, say=lambda msg: err_console.print(escape(msg), highlight=False))
+    if as_json:
+        console.print_json(json.dumps(s.report))
+        return
+    console.print(table(s.report))
+    ran = ", ".join(s.ran) or "nothing (all stages were done)"
+    console.print(f"[green]aligned[/] {s.report['final']} (report.json, report.png beside it); ran {ran} in {s.elapsed_s:.1f} s")
+
+
+# pkd cache-logits -------------------------------------------------------------------------------
+
+
+@app.command("cache-logits")
+def cache_logits(
+    proxy: Annotated[str | None, typer.Option(help="`pkd proxy-align` output: base + adapter from its manifest (default: <run.root>/<run.name>/proxy).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
+    recipe: RecipeOption = None,
+    model: Annotated[str | None, typer.Option(help="Proxy base or merged model directory (instead of, or overriding the base of, --proxy).")] = None,
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter directory to score with (its base: --model or the adapter's record).")] = None,
+    no_adapter: Annotated[bool | None, typer.Option("--no-adapter", help="Score with the base model alone (the unaligned-proxy ablation).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model directory: refuse to start if the cache would not fit its tokenizer/vocab.")] = None,
+    out: Annotated[str | None, typer.Option(help="Cache folder or URI (default: <run.root>/<run.name>/logits, or logits-parts/I-of-N with --part).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score: distill (D_s, the default), align or warmup.")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Top-k ids/logprobs kept per response position.")] = None,
+    max_logprobs: Annotated[int | None, typer.Option(help="Largest k the engine accepts (vLLM's max_logprobs, default 20).")] = None,
+    engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.")] = None,
+    overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.")] = None,
+    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`.")] = None,
+    shard_rows: Annotated[int | None, typer.Option(help="Samples per committed shard (the unit of resumption).")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Transformers engine: padded tokens per forward.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.")] = None,
+    assign: SetOption = None,
+) -> None:
+    """Score the teacher's responses with the proxy into the logit cache (top-k per position, ℓ, μ/γ); resumable."""
+    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.steps.cache_logits import run_cache_logits
+
+    r = load_recipe(recipe)
+    for section, values in parse_assignments(assign or []).items():
+        r = override(r, section, values, source="--set")
+    flags = dict(
+        proxy=proxy, teacher=teacher, model=model, adapter=adapter, no_adapter=no_adapter, student=student, out=out, split=split, k=k,
+        max_logprobs=max_logprobs, engine=engine, dtype=dtype, max_length=max_length, overflow=overflow, part=part,
+        shard_rows=shard_rows, batch_tokens=batch_tokens, gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+    )  # fmt: skip
+    r = override(r, "cache_logits", flags)
+    s = run_cache_logits(r.cache_logits, r.run)
+    m = s.manifest
+    if not s.scored:
+        console.print(f"[green]nothing to do[/] {s.out}: the cache is complete ({m.rows:,} samples, {m.tokens:,} tokens)")
+        return
+    t = Table(title=f"cache-logits -> {s.out}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    rows = [
+        ("samples in split/part", f"{s.counts.get('samples', 0):,}"),
+        ("scored now / in cache", f"{s.scored:,} / {m.rows:,}"),
+        ("truncated / skipped (too long, empty)", f"{s.counts.get('truncated', 0):,} / {s.counts.get('skipped_too_long', 0):,}, {s.counts.get('skipped_empty', 0):,}"),
+        ("response tokens now / in cache", f"{s.tokens:,} / {m.tokens:,}"),
+        ("engine tokens/s", f"{s.tokens_per_s:,.0f} ({s.engine})"),
+        ("bytes per token", f"{m.total_bytes / max(m.tokens, 1):.2f}"),
+        ("ℓ μ / γ", f"{m.seq_logprob.mu:.4f} / {m.seq_logprob.gamma:.4f}" if m.seq_logprob else "-"),
+    ]
+    for key, value in rows:
+        t.add_row(key, value)
+    t.caption = f"k={m.codec['k']}, vocab {m.vocab_size:,}; {s.elapsed_s:.1f} s in all"
+    console.print(t)
+
+
 def main() -> None:
     app()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pkd.align.lora import check_rank, check_targets
 from pkd.errors import ConfigError
 from pkd.splits import DEFAULT_RATIOS, check_ratios
 from pydantic import field_validator
@@ -74,9 +75,160 @@ class TeacherSampleConfig(Section):
         return check_ratios(v)
 
 
+class TrainStudentConfig(Section):
+    """`pkd train-student`: distil the logit cache into the student (DESIGN §1 stage 2, §5).
+
+    Global batch = per_device_batch_size × grad_accum × processes; max_steps defaults to
+    ⌈epochs × cache rows / global batch⌉."""
+
+    cache: str | None = None  # logit cache (path or fsspec URI); default: [run] artifact_dir("logits")
+    student: str | None = None  # student base model directory
+    out: str | None = None  # local folder; default: [run] artifact_dir("student")
+    alpha: float = Field(default=1.0, ge=0.0)  # KD strength; 0 = SFT on teacher outputs
+    tail: Literal["tail", "renorm"] = "tail"  # mass outside the cached top-k
+    temperature: float = Field(default=1.0, gt=0.0)
+    uniform_weights: bool = False  # w = 1 instead of σ((ℓ − μ)/γ)
+    lora: bool = True  # LoRA adapter (peft) or full fine-tuning
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_target: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
+    learning_rate: float = Field(default=1e-5, gt=0.0)
+    lr_scheduler: str = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    per_device_batch_size: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=1024, ge=2)
+    shuffle_buffer: int = Field(default=1024, ge=1)
+    data_streams: int | None = Field(default=None, ge=1)  # default: processes × max(1, workers)
+    dataloader_workers: int = Field(default=0, ge=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int = Field(default=200, ge=1)
+    save_total_limit: int | None = Field(default=2, ge=1)
+    seed: int | None = None  # default: [run] seed
+
+
+class EvalConfig(Section):
+    """`pkd eval`: NLL, top-1 agreement and exact match of a model on held-out teacher samples."""
+
+    model: str | None = None  # base model, merged model, or LoRA adapter directory
+    base: str | None = None  # base model for an adapter (default: the adapter's own record)
+    samples: str | None = None  # `pkd teacher-sample` output; default: [run] artifact_dir("teacher")
+    split: str | None = None  # warmup / align / distill; None (or "all"): every row
+    limit: int | None = Field(default=None, ge=1)  # first N samples
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=1024, ge=2)
+    max_new_tokens: int = Field(default=64, ge=1)  # greedy answers for exact match
+    out: str | None = None  # report JSON path (default: print only)
+
+
+class ProxyAlignConfig(Section):
+    """`pkd proxy-align`: warm-up SFT of the proxy on D_w, then `rounds` of online DPO + NLL on
+    chunks of D_p against the previous round's proxy (DESIGN §1 stage 1).
+
+    Steps per round = ⌈epochs × pairs / (per_device_batch_size × grad_accum)⌉. The LoRA settings
+    must be ones vLLM can serve (rank in its supported list, no embed/lm_head targets): the
+    adapter is what cache-logits loads."""
+
+    teacher: str | None = None  # teacher-sample folder; default: [run] artifact_dir("teacher")
+    model: str | None = None  # proxy base: local HF directory or hub id
+    student: str | None = None  # for the vocab check; default: [train_student] student
+    out: str | None = None  # local folder; default: [run] artifact_dir("proxy")
+    lora: bool = True  # LoRA adapter (peft) or full fine-tuning
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    lora_target: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
+    learning_rate: float = Field(default=1e-5, gt=0.0)
+    lr_scheduler: str = "constant"
+    per_device_batch_size: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    warmup_epochs: float = Field(default=1.0, ge=0.0)  # 0 skips the warm-up SFT
+    epochs: float = Field(default=1.0, gt=0.0)  # per alignment round
+    max_length: int = Field(default=1024, ge=2)  # prompt + response tokens
+    rounds: int = Field(default=3, ge=0)  # K; 0 = warm-up only (the "no preference step" ablation)
+    chunk_size: int | None = Field(default=None, ge=1)  # prompts per round; default: D_p / rounds
+    beta: float = Field(default=0.1, gt=0.0)
+    engine: Literal["vllm", "hf", "auto"] = "auto"  # proxy self-sampling
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=256, ge=1)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)  # vLLM, in its own process
+    eval_samples: int = Field(default=64, ge=0)  # held-out teacher samples for the report
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(default=10, ge=1)
+    merge: bool = False  # also write base + adapter merged into one model
+    seed: int | None = None  # default: [run] seed
+
+    @field_validator("lora_r")
+    @classmethod
+    def _servable_rank(cls, v: int) -> int:
+        return check_rank(v)
+
+    @field_validator("lora_target")
+    @classmethod
+    def _servable_targets(cls, v: str) -> str:
+        return check_targets(v)
+
+
+class CacheLogitsConfig(Section):
+    """`pkd cache-logits`: the proxy scores the teacher's responses of one split (D_s) into the
+    logit cache (DESIGN §1 stage 2, §3).
+
+    The proxy is a `pkd proxy-align` folder (base + adapter from its manifest), or `model` (a base
+    or merged model) with an optional `adapter`. Only the fields outside `FREE_KEYS` (in
+    pkd.steps.cache_logits) fix what a cache holds; paths, engine and batching may change between
+    a run and its resumption."""
+
+    teacher: str | None = None  # `pkd teacher-sample` folder; default: [run] artifact_dir("teacher")
+    proxy: str | None = None  # `pkd proxy-align` folder; default: [run] artifact_dir("proxy") unless model/adapter are given
+    model: str | None = None  # proxy base or merged model directory (overrides the proxy folder's base)
+    adapter: str | None = None  # LoRA adapter directory (its base: `model`, else the adapter's record)
+    no_adapter: bool = False  # score with the base alone: the unaligned-proxy ablation
+    student: str | None = None  # refuse to start unless the cache would fit this student's tokenizer/vocab
+    out: str | None = None  # default: [run] artifact_dir("logits"), or logits-parts/I-of-N with --part
+    split: Literal["warmup", "align", "distill"] = "distill"
+    k: int = Field(default=20, ge=1, le=1024)  # top-k kept per position (paper: 10)
+    max_logprobs: int = Field(default=20, ge=1)  # engine limit on k (vLLM's max_logprobs)
+    engine: Literal["vllm", "hf", "auto"] = "auto"
+    dtype: str = "auto"  # auto: the checkpoint's dtype; e.g. bfloat16 on GPU
+    max_length: int = Field(default=1024, ge=2)  # prompt + response tokens
+    overflow: Literal["truncate", "skip"] = "truncate"  # longer chats: cut the response end, or drop them
+    part: str = Field(default="0/1", pattern=r"^\d+/\d+$")  # I/N: this worker's share of the samples
+    shard_rows: int = Field(default=1024, ge=1)  # samples per committed shard (the unit of resumption)
+    batch_tokens: int = Field(default=8192, ge=1)  # transformers engine: padded tokens per forward
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM on GPU
+    tensor_parallel_size: int = Field(default=1, ge=1)  # vLLM: GPUs one proxy is split over (a 70B needs several)
+
+    @field_validator("part")
+    @classmethod
+    def _part(cls, v: str) -> str:
+        index, count = map(int, v.split("/"))
+        if not 0 <= index < count:
+            raise ValueError(f"part {v!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+        return v
+
+    @property
+    def part_index(self) -> tuple[int, int]:
+        """(I, N) of `part`."""
+        index, count = map(int, self.part.split("/"))
+        return index, count
+
+
 class Recipe(Section):
     run: RunConfig = RunConfig()
     teacher_sample: TeacherSampleConfig = TeacherSampleConfig()
+    train_student: TrainStudentConfig = TrainStudentConfig()
+    eval: EvalConfig = EvalConfig()
+    proxy_align: ProxyAlignConfig = ProxyAlignConfig()
+    cache_logits: CacheLogitsConfig = CacheLogitsConfig()
 
 
 def _describe(err: dict[str, Any]) -> str:

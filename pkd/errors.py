@@ -57,3 +57,10 @@ class FailureBudgetError(PkdError):
     """More prompts failed permanently than the failure budget allows (see the failures file)."""
 
     exit_code = 4
+
+
+class EngineError(PkdError):
+    """An inference engine (vLLM or transformers) cannot do what was asked: not installed, an
+    adapter it cannot serve, or a request beyond an engine option (the message names the option)."""
+
+    exit_code = 2

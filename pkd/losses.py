@@ -130,7 +130,7 @@ class _ChunkedKD(torch.autograd.Function):
         ctx.logits_shape = logits.shape
         tokens = torch.tensor(rows.numel(), device=logits.device)
         ctx.mark_non_differentiable(nll_sum, kl_sum, tokens)
-        return (scale * (nll_sum + wkl_sum)).to(logits.dtype), nll_sum, kl_sum, tokens
+        return scale * (nll_sum + wkl_sum), nll_sum, kl_sum, tokens  # float32 even for bf16 logits
 
     @staticmethod
     @torch.autograd.function.once_differentiable

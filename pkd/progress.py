@@ -64,3 +64,46 @@ class RequestProgress:
             tps=self._tokens / elapsed,
             failures=self._failures,
         )
+
+
+class TokenProgress:
+    """Progress of a step that pushes tokens through a model (cache-logits): units done/total,
+    their rate, ETA, and tokens/s over this session."""
+
+    def __init__(self, total: int, *, done: int = 0, description: str = "working", unit: str = "samples", enabled: bool = True) -> None:
+        self._tokens = 0
+        self._start = time.monotonic()
+        self._bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            console=Console(stderr=True),
+            refresh_per_second=4,
+        )
+        self._task = self._bar.add_task(description, total=total, completed=done, tps=0.0)
+
+    def __enter__(self) -> TokenProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, *, done: int = 0, tokens: int = 0) -> None:
+        """Add `done` finished units and the tokens that went through the model for them."""
+        self._tokens += tokens
+        if self._bar is not None:
+            self._bar.update(self._task, advance=done, tps=self._tokens / max(time.monotonic() - self._start, 1e-9))

@@ -28,3 +28,14 @@ def vllm_teacher(
         tiny_family.teacher, served_model_name="teacher", dtype="float32", log_path=log
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def scored_cache(tiny_family: TinyFamily, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A logit cache of 48 synthetic chats scored by the tiny proxy (3 shards, k = 8), in the
+    tiny student's tokenizer: what `pkd cache-logits` would write, without vLLM."""
+    from scored_cache import score_cache
+
+    uri = str(tmp_path_factory.mktemp("scored-cache"))
+    score_cache(tiny_family, uri)
+    return uri

@@ -3,7 +3,8 @@
 `FakeAPI(script)` serves `/v1/chat/completions` from a thread. For each request, `script(body,
 attempt)` (attempt = how many times this prompt was asked, from 1) may return a `Reply` to send
 instead of the canned answer; `upstream` forwards everything else to a real server instead, so the
-same object also works as a counting proxy in front of vLLM.
+same object also works as a counting proxy in front of vLLM. With `key`, a request without
+`Authorization: Bearer <key>` gets a 401 that echoes what it sent, as real APIs do.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
 
 
 class FakeAPI:
-    def __init__(self, script: Callable[[dict[str, Any], int], Reply | None] | None = None, *, upstream: str | None = None, delay_s: float = 0.0) -> None:
-        self.script, self.upstream, self.delay_s = script, upstream, delay_s
+    def __init__(self, script: Callable[[dict[str, Any], int], Reply | None] | None = None, *, upstream: str | None = None, delay_s: float = 0.0, key: str | None = None) -> None:
+        self.script, self.upstream, self.delay_s, self.key = script, upstream, delay_s, key
         self.bodies: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
+        self.headers: list[dict[str, str]] = []  # lower-cased names
+        self.times: list[float] = []  # time.monotonic() at arrival, parallel to bodies
         self.attempts: Counter[str] = Counter()
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -62,7 +64,7 @@ class FakeAPI:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                reply = api._handle(body, dict(self.headers))
+                reply = api._handle(body, {k.lower(): v for k, v in self.headers.items()})
                 payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
                 try:
                     self.send_response(reply.status)
@@ -75,20 +77,28 @@ class FakeAPI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients that hang up mid-request (timeouts, kill -9) are expected here
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def _handle(self, body: dict[str, Any], headers: dict[str, str]) -> Reply:
         with self._lock:
             self.bodies.append(body)
             self.headers.append(headers)
+            self.times.append(time.monotonic())
             self.attempts[last_user(body)] += 1
             attempt = self.attempts[last_user(body)]
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            auth = headers.get("authorization", "")
+            if self.key is not None and auth != f"Bearer {self.key}":
+                return error(401, f"Incorrect API key provided: {auth}")
             reply = self.script(body, attempt) if self.script else None
             time.sleep(self.delay_s + (reply.delay_s if reply else 0.0))
             if reply is not None:

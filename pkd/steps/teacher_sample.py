@@ -277,33 +277,31 @@ class Writer:
         self.commit(self._take(), complete)
 
     def commit(self, batch: list[Outcome], complete: bool) -> None:
+        """Write the batch's files, then a manifest listing them; the in-memory state changes only
+        once the manifest is written, so a failed commit leaves nothing listed half-done."""
         import pyarrow.parquet as pq
 
         with self._write_lock:
             m = self.manifest
             if not batch and m.complete == complete:
                 return
+            files, counts, failures = list(m.files), Counter(m.counts), self.failures
             if batch:
                 part = f"part-{self.next_index:05d}"
-                self.next_index += 1
                 rows = [r for o in batch for r in o.rows]
                 if rows:
                     sink = pa.BufferOutputStream()
                     pq.write_table(pa.Table.from_pylist(rows, schema=sample_schema()), sink, compression="zstd")
-                    m.files.append(self._put(f"{SHARDS}/{part}.parquet", sink.getvalue().to_pybytes(), len(rows)))
-                ledger = "".join(json.dumps(o.ledger, ensure_ascii=False) + "\n" for o in batch).encode()
-                m.files.append(self._put(f"{LEDGER}/{part}.jsonl", ledger, len(batch)))
-                failed = [o.ledger for o in batch if o.ledger["status"] == "failed"]
-                if failed:
-                    self.failures += failed
-                    data = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in self.failures).encode()
-                    m.files = [f for f in m.files if f.path != FAILURES] + [self._put(FAILURES, data, len(self.failures))]
-                counts = Counter(m.counts)
+                    files.append(self._put(f"{SHARDS}/{part}.parquet", sink.getvalue().to_pybytes(), len(rows)))
+                files.append(self._put(f"{LEDGER}/{part}.jsonl", _jsonl([o.ledger for o in batch]), len(batch)))
+                if failed := [o.ledger for o in batch if o.ledger["status"] == "failed"]:
+                    failures = failures + failed
+                    files = [f for f in files if f.path != FAILURES] + [self._put(FAILURES, _jsonl(failures), len(failures))]
                 for o in batch:
                     counts.update(_tally(o.ledger))
-                m.counts = dict(counts)
-            m.complete = complete
-            self.folder.write_manifest(m)
+            new = m.model_copy(update={"files": files, "counts": dict(counts), "complete": complete})
+            self.folder.write_manifest(new)
+            self.manifest, self.failures, self.next_index = new, failures, self.next_index + bool(batch)
 
     def _put(self, rel: str, data: bytes, rows: int) -> FileEntry:
         import hashlib
@@ -323,6 +321,10 @@ def _tally(ledger: dict[str, Any]) -> Counter[str]:
         c["failed"] += 1
         c[f"failed_{ledger['error']['kind']}"] += 1
     return +c
+
+
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
 def _read_jsonl(folder: Folder, rel: str) -> list[dict[str, Any]]:
@@ -422,7 +424,7 @@ def run_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig, *, progress: bo
     manifest.counts["prompts"] = plan.prompts
     writer = Writer(folder, manifest, failures, cfg.shard_size)
     if not todo and manifest.complete:
-        return Summary(plan, dict(manifest.counts), {}, time.monotonic() - start)
+        return Summary(plan, dict(writer.manifest.counts), {}, time.monotonic() - start)
     with RequestProgress(plan.prompts, done=plan.done, description="teacher-sample", enabled=progress) as bar:
         try:
             if todo:
@@ -430,4 +432,4 @@ def run_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig, *, progress: bo
         finally:
             writer.flush(complete=False)  # whatever was answered is paid for: keep it
     writer.flush(complete=True)
-    return Summary(plan, dict(manifest.counts), dict(writer.session), time.monotonic() - start)
+    return Summary(plan, dict(writer.manifest.counts), dict(writer.session), time.monotonic() - start)

@@ -1,0 +1,227 @@
+"""Benchmark the Proxy-KD student trainer against plain SFT and online white-box KD.
+
+    python bench/train_student.py [--out bench/results/train_student.json]          # CPU, fp32
+    python bench/train_student.py --device cuda --vocab 151936 --seq 2048 --batch 2  # GPU, bf16
+
+Same student, same tokens for every variant; each runs in its own subprocess so that its peak
+RSS (and on GPU torch.cuda.max_memory_allocated) is its own:
+- proxy-kd: `ProxyKDTrainer`, α = 1, top-k (k = 20) streamed from a logit cache;
+- kd-alpha0: the same trainer and stream with α = 0 (vanilla black-box KD = SFT);
+- hf-sft: a plain transformers Trainer, the model's own loss on completion-only labels;
+- trl-sft: TRL's SFTTrainer on the same token ids, completion-only loss (skipped if TRL is
+  not installed, as on the GPU image);
+- online-kd: white-box KD with the proxy resident (about 4× the student's parameters): a proxy
+  forward per batch and a dense full-vocabulary forward KL.
+All variants train LoRA (r = 16) on a random-init Llama; the cache holds random top-k over the
+full vocabulary (its values do not change the work). Tokens/s counts input tokens per median step
+after `--warmup`, best of `--rounds` interleaved runs (a shared CPU's neighbours add noise). Targets: proxy-kd ≥ 0.85× SFT tokens/s, peak memory ≤ 1.15× SFT (GPU: ≤ 1.10×),
+≥ 1.5× online-KD tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = ("proxy-kd", "kd-alpha0", "hf-sft", "trl-sft", "online-kd")
+K = 20
+
+
+def build(work: Path, a: argparse.Namespace) -> None:
+    """Tokenizer, student, 4× proxy and a cache of fixed-length samples (prompt + response)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pkd.codec import TopkCodec
+    from pkd.fingerprint import tokenizer_fingerprint
+    from pkd.logit_cache import LogitCacheWriter, LogitSample
+    from pkd.records import LogitCacheManifest
+    from pkd.store import Folder
+    from pkd.tiny import default_corpus, train_tokenizer
+
+    tok = train_tokenizer(default_corpus(), 512, work / "tokenizer")
+    for name, (hidden, layers, heads) in {"student": (a.hidden, a.layers, a.hidden // 64), "proxy": (2 * a.hidden, 2 * a.layers, a.hidden // 32)}.items():
+        cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=3)
+        torch.manual_seed(0)
+        with torch.device(a.device):  # random init of a GPU-sized proxy is minutes on CPU
+            LlamaForCausalLM(cfg).save_pretrained(work / name)
+        tok.save_pretrained(work / name)
+    header = LogitCacheManifest(codec=TopkCodec(k=K, vocab_size=a.vocab).spec(), vocab_size=a.vocab, tokenizer_fingerprint=tokenizer_fingerprint(tok), proxy_fingerprint="bench", teacher_model="bench")
+    writer = LogitCacheWriter(Folder(str(work / "cache")), header, shard_rows=256)
+    rng = np.random.default_rng(0)
+    prompt, T = a.seq // 4, a.seq - a.seq // 4
+    for i in range(a.rows):
+        ids = rng.integers(4, len(tok), a.seq).astype(np.int32)
+        top = ((rng.integers(a.vocab, size=(T, 1)) + 7919 * np.arange(K)) % a.vocab).astype(np.int32)  # (T, k) distinct
+        lp = np.sort(np.log(rng.dirichlet(np.ones(K + 1), T)[:, :K]), axis=1)[:, ::-1].astype(np.float32)  # (T, k)
+        writer.add(LogitSample(f"b{i}", ids, prompt, top, np.ascontiguousarray(lp), lp[:, 0].copy()))
+    writer.close()
+
+
+def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
+    """One variant in this process: train `--steps` steps, return throughput and peaks."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+
+    from pkd.kd_trainer import KDSettings, ProxyKDTrainer
+    from pkd.logit_cache import iter_samples
+    from pkd.store import Folder
+    from pkd.student_data import CacheStream
+
+    cuda = a.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tok = AutoTokenizer.from_pretrained(work / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(work / "student", dtype=dtype)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear"))
+    stamps: list[tuple[float, float]] = []  # (wall, this process's CPU time) at each step end
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    common = dict(output_dir=str(work / f"run-{variant}"), per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=1e-5, lr_scheduler_type="constant", save_strategy="no", logging_steps=a.steps, report_to="none", use_cpu=not cuda, bf16=cuda, gradient_checkpointing=a.gradient_checkpointing, seed=0)
+    folder = Folder(str(work / "cache"))
+    manifest = folder.read_manifest()
+    rows = [{"input_ids": s.input_ids.tolist(), "completion_mask": [0] * s.response_start + [1] * s.num_tokens} for s in iter_samples(folder, manifest)]
+    rows = rows * (1 + a.steps * a.batch // len(rows))
+    if variant == "hf-sft":
+        from datasets import Dataset
+        from transformers import Trainer, default_data_collator
+
+        labelled = [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]} for r in rows]
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=Dataset.from_list(labelled), data_collator=default_data_collator, callbacks=[Clock()])
+    elif variant == "trl-sft":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        cfg = SFTConfig(**common, max_length=a.seq, completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
+    else:
+        stream = CacheStream(folder, manifest, batch_size=a.batch, max_length=a.seq, shuffle_buffer=64, pad_multiple=8 if cuda else 1)
+        kd = KDSettings(alpha=0.0 if variant == "kd-alpha0" else 1.0)
+        cls = ProxyKDTrainer
+        if variant == "online-kd":
+            proxy = AutoModelForCausalLM.from_pretrained(work / "proxy", dtype=dtype).to(a.device).eval().requires_grad_(False)
+
+            class OnlineKD(ProxyKDTrainer):
+                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+                    with torch.no_grad():
+                        p = proxy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                    s = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                    mask = inputs["shift_labels"] != -100  # (B, L)
+                    s, p = s[mask].float(), p[mask].float()  # (M, V)
+                    ce = F.cross_entropy(s, inputs["shift_labels"][mask])
+                    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(p, -1), log_target=True, reduction="batchmean")
+                    return ce + kl
+
+            cls = OnlineKD
+        trainer = cls(model=model, args=TrainingArguments(**common, remove_unused_columns=False), train_dataset=stream, processing_class=tok, callbacks=[Clock()], kd=kd)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    steps = np.diff(np.array(stamps[a.warmup - 1 :]), axis=0)  # (timed, 2) wall and CPU seconds
+    step_s, cpu_step_s = np.median(steps, axis=0).tolist()  # medians resist other processes' bursts
+    return {
+        "variant": variant,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "tokens_per_s": a.batch * a.seq / step_s,
+        "tokens_per_cpu_s": a.batch * a.seq / cpu_step_s,
+        "step_s": step_s,
+        "cpu_step_s": cpu_step_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    }
+
+
+def table(results: list[dict], a: argparse.Namespace) -> dict:
+    """Print the comparison; ratios use tokens per CPU-second on CPU (a shared machine's wall
+    clock measures the neighbours too) and wall-clock tokens/s on GPU."""
+    from rich.console import Console
+    from rich.table import Table
+
+    by = {r["variant"]: r for r in results}
+    sft = by.get("hf-sft") or by.get("trl-sft") or by["kd-alpha0"]  # the strictest plain SFT first
+    cuda = a.device == "cuda"
+    rate, mem = ("tokens_per_s", "peak_gpu_mb") if cuda else ("tokens_per_cpu_s", "peak_rss_mb")
+    t = Table(title=f"train-student, {a.device}: V={a.vocab:,}, seq {a.seq}, batch {a.batch}, {a.steps - a.warmup} timed steps", title_justify="left")
+    for col in ("variant", "tokens/s (wall)", "tokens/CPU-s", f"× {sft['variant']}", mem, f"× {sft['variant']} mem"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in results:
+        t.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_cpu_s']:,.0f}", f"{r[rate] / sft[rate]:.2f}", f"{r[mem]:,.0f}", f"{r[mem] / sft[mem]:.2f}")
+    kd = by["proxy-kd"]
+    checks = {f"throughput_vs_{v}": kd[rate] / by[v][rate] for v in ("hf-sft", "trl-sft", "kd-alpha0", "online-kd") if v in by}
+    checks |= {f"memory_vs_{v}": kd[mem] / by[v][mem] for v in ("hf-sft", "trl-sft", "kd-alpha0") if v in by}
+    t.caption = f"proxy-kd ratios by {rate}: " + ", ".join(f"{k} {v:.2f}" for k, v in checks.items())
+    Console(width=140).print(t)
+    return checks
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per variant (1: CPU time is not inflated by idle-spinning workers)")
+    p.add_argument("--rounds", type=int, default=2, help="run all variants this many times, interleaved; keep each one's best")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default="bench/results/train_student.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(run_variant(a.child, Path(a.work), a)), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        build(work, a)
+        best: dict[str, dict] = {}
+        variants = [v for v in a.variants.split(",") if v != "trl-sft" or _has("trl")]
+        for variant in [v for _ in range(a.rounds) for v in variants]:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant, "--work", str(work)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(line[7:])
+            print(f"{variant}: {r['tokens_per_s']:,.0f} tokens/s, {r['tokens_per_cpu_s']:,.0f} tokens/CPU-s", flush=True)
+            old = best.setdefault(variant, r)
+            for key in ("tokens_per_s", "tokens_per_cpu_s"):
+                old[key] = max(old[key], r[key])
+        results = [best[v] for v in variants]
+    checks = table(results, a)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("child", "work")}, "results": results, "checks": checks}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+if __name__ == "__main__":
+    main()

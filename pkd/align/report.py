@@ -1,0 +1,62 @@
+"""The alignment report: one row per stage (base, warmup, round-01, ...) with held-out NLL per
+token and top-1 agreement, and per round the DPO reward margin/accuracy and where the time went.
+Written as JSON and a PNG plot; `table()` renders it for the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [  # (key, header, format)
+    ("stage", "stage", "{}"),
+    ("nll_per_token", "held-out NLL/tok", "{:.4f}"),
+    ("top1_agreement", "top-1 agree", "{:.3f}"),
+    ("pairs", "pairs", "{:,}"),
+    ("dropped_pairs", "equal, dropped", "{:,}"),
+    ("reward_margin", "reward margin", "{:+.4f}"),
+    ("reward_accuracy", "reward acc", "{:.3f}"),
+    ("gen_s", "generate s", "{:.1f}"),
+    ("ref_s", "ref logps s", "{:.1f}"),
+    ("train_s", "train s", "{:.1f}"),
+]
+
+
+def table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    held = report["heldout"]
+    t = Table(title=f"proxy alignment: {held['samples']} held-out teacher samples ({held['tokens']:,} tokens) from split {held['from']!r}", title_justify="left")
+    for key, header, _ in COLUMNS:
+        t.add_column(header, justify="left" if key == "stage" else "right")
+    for row in report["stages"]:
+        t.add_row(*(fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS))
+    return t
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Held-out NLL and top-1 agreement by stage; reward margin and accuracy by round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = report["stages"]
+    names = [s["stage"] for s in stages]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(names, [s["nll_per_token"] for s in stages], "o-", color="tab:blue")
+    left.set_ylabel("held-out NLL per token", color="tab:blue")
+    agree = left.twinx()
+    agree.plot(names, [s["top1_agreement"] for s in stages], "s--", color="tab:orange")
+    agree.set_ylabel("top-1 agreement with teacher", color="tab:orange")
+    left.set_title("proxy vs teacher on held-out samples")
+    rounds = [s for s in stages if s.get("reward_margin") is not None]
+    right.bar([s["stage"] for s in rounds], [s["reward_margin"] for s in rounds], color="tab:green")
+    right.set_ylabel("reward margin after the round (β·Δ log-ratio)", color="tab:green")
+    acc = right.twinx()
+    acc.plot([s["stage"] for s in rounds], [s["reward_accuracy"] for s in rounds], "o-", color="tab:red")
+    acc.set_ylim(0, 1.05)
+    acc.set_ylabel("reward accuracy", color="tab:red")
+    right.set_title("DPO rounds: teacher (chosen) vs proxy (rejected)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""Training of the proxy with TRL: warm-up SFT on D_w, and one DPO + NLL round on a chunk's pairs.
+
+The reference of round k is the proxy of round k−1 (DESIGN §1), not the frozen base: the round
+starts from the previous adapter loaded trainable, TRL copies it into a frozen "ref" adapter
+(DPOTrainer does this for a PeftModel given without `peft_config`), and
+`precompute_ref_log_probs=True` scores every pair with it once before training, so training
+runs one forward per pair instead of two. For full fine-tuning the model as loaded (the
+previous round's weights) is the reference, precomputed the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pkd.align.lora import target_modules
+from pkd.config import ProxyAlignConfig
+
+
+def runtime(precision: str) -> tuple[bool, Any]:
+    """(train on CPU?, model dtype): bf16 on a GPU unless fp32 is asked for, fp32 on CPU."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    bf16 = precision == "bf16" or (precision == "auto" and gpu)
+    return not gpu, torch.bfloat16 if bf16 else torch.float32
+
+
+def load_model(model_dir: str | Path, precision: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    use_cpu, dtype = runtime(precision)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+    return model if use_cpu else model.to("cuda")
+
+
+def lora_config(cfg: ProxyAlignConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target_modules(cfg.lora_target), bias="none", task_type="CAUSAL_LM")
+
+
+def load_policy(base_dir: str | Path, previous: str | Path | None, cfg: ProxyAlignConfig) -> Any:
+    """The proxy to train next: base + previous LoRA adapter (trainable), or previous full weights."""
+    if not cfg.lora:
+        return load_model(previous or base_dir, cfg.precision)
+    from peft import PeftModel, get_peft_model
+
+    base = load_model(base_dir, cfg.precision)
+    if previous is None:
+        return get_peft_model(base, lora_config(cfg))
+    return PeftModel.from_pretrained(base, str(previous), is_trainable=True)
+
+
+def _args(cfg: ProxyAlignConfig, scratch: Path, seed: int, epochs: float) -> dict[str, Any]:
+    """TrainingArguments shared by both stages (TRL's bf16/checkpointing defaults overridden)."""
+    import torch
+
+    use_cpu, dtype = runtime(cfg.precision)
+    return dict(
+        output_dir=str(scratch), use_cpu=use_cpu, bf16=dtype == torch.bfloat16, gradient_checkpointing=cfg.gradient_checkpointing,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.per_device_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=seed, data_seed=seed,
+        save_strategy="no", report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+
+
+def _losses(history: list[dict[str, Any]], key: str) -> list[float]:
+    return [h[key] for h in history if key in h]
+
+
+def warmup_sft(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path) -> dict[str, Any]:
+    """SFT on teacher responses: prompt/completion rows, loss on the completion (the assistant
+    turn) only. Returns training stats."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**_args(cfg, scratch, seed, cfg.warmup_epochs), completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    start = time.monotonic()
+    out = trainer.train()
+    return {"steps": out.global_step, "train_loss": out.training_loss, "loss_curve": _losses(trainer.state.log_history, "loss"), "train_s": time.monotonic() - start}
+
+
+def dpo_round(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Minimise NLL(y|x) + L_pref over the pairs, the reference precomputed with the model as it
+    is now. Returns the tokenized rows with their `ref_*_logps` and training stats."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**_args(cfg, scratch, seed, cfg.epochs), beta=cfg.beta, loss_type=["sigmoid", "sft"], precompute_ref_log_probs=True)
+    start = time.monotonic()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    ref_s = time.monotonic() - start  # tokenization + the reference forward over every pair
+    start = time.monotonic()
+    out = trainer.train()
+    train_s = time.monotonic() - start
+    history = trainer.state.log_history
+    stats = {
+        "steps": out.global_step, "train_loss": out.training_loss, "loss_curve": _losses(history, "loss"),
+        "train_reward_margin": _losses(history, "rewards/margins"), "train_reward_accuracy": _losses(history, "rewards/accuracies"),
+        "ref_s": ref_s, "train_s": train_s,
+    }  # fmt: skip
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+    tokenized = trainer.train_dataset.select_columns(columns).to_list()
+    if cfg.lora:  # the frozen copy has served its purpose; keep only the trained adapter
+        model.delete_adapter("ref")
+    return tokenized, stats
+
+
+def save_proxy(model: Any, tokenizer: Any, out: Path) -> None:
+    """The adapter alone (LoRA) or the full model, with the tokenizer, as safetensors."""
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def merge(base_dir: str | Path, adapter_dir: Path, out: Path, precision: str) -> None:
+    """base + adapter folded into one plain model (for engines or tools without LoRA)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model = PeftModel.from_pretrained(load_model(base_dir, precision), str(adapter_dir)).merge_and_unload()
+    model.save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(out))
+
+
+def free_memory() -> None:
+    """Return freed accelerator memory to the device between stages (the next stage, or vLLM,
+    needs it); the caller drops its references first."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

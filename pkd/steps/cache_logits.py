@@ -1,0 +1,343 @@
+"""`pkd cache-logits`: the aligned proxy scores the teacher's responses of D_s, teacher-forced,
+into the logit cache (DESIGN §1 stage 2, §3), the shareable artifact that train-student reads.
+
+Per sample: the chat's ids (pkd.tokenize_chat), at every response position the proxy's top-k
+ids/logprobs and the teacher token's logprob, and ℓ, their mean; μ and γ of ℓ over the whole
+cache go into the manifest when the pass ends (LogitCacheWriter.close).
+
+Order and resumption: samples are taken in teacher-folder order, filtered to the split and this
+worker's part, and scored in chunks of `shard_rows` samples, one shard each. A rerun skips the
+committed samples; committed shards are a prefix of that order, so the remaining chunks are the
+ones an uninterrupted run would score, and after `kill -9` the cache ends up byte for byte the
+same. Parts (`--part I/N`): a sample belongs to part hash(sample_id) mod N, so N workers split
+D_s without talking to each other; each writes its own folder (shards data/part-I-*), and
+`pkd cache merge` joins them and recomputes μ/γ over the whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pkd.align.data import SHARDS_PREFIX, TeacherSample, read_teacher_samples, teacher_fingerprint
+from pkd.codec import TopkCodec
+from pkd.config import CacheLogitsConfig, RunConfig
+from pkd.engines import check_score_args
+from pkd.errors import CompatibilityError, ConfigError, InputError
+from pkd.fingerprint import files_fingerprint, sha256_text, tokenizer_fingerprint
+from pkd.logit_cache import SHARD_DIR, LogitCacheWriter, LogitSample
+from pkd.progress import TokenProgress
+from pkd.records import LogitCacheManifest, Manifest
+from pkd.store import TMP_MARK, Folder
+from pkd.tokenize_chat import encode_chat
+
+# Settings that may change between a run and its resumption: where things are, how fast they go.
+# What the proxy and the teacher samples are is fixed by the manifest's fingerprints instead.
+FREE_KEYS = frozenset({"teacher", "proxy", "model", "adapter", "student", "out", "engine", "max_logprobs", "shard_rows", "batch_tokens", "gpu_memory_utilization", "tensor_parallel_size"})
+TOKENIZATION = "chat-v1"  # pkd.tokenize_chat's rules: bump when they change what ids a chat gets
+HEADER_FIELDS = ("codec", "vocab_size", "tokenizer_fingerprint", "proxy_fingerprint", "teacher_model", "inputs", "config")
+_PART_SALT = b"pkd-part-v1\0"
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """What scores: a base or merged model, and an optional LoRA adapter on it."""
+
+    model_dir: Path
+    adapter_dir: Path | None
+    inputs: dict[str, str]  # lineage: proxy_model (and proxy_adapter) content fingerprints
+
+    @property
+    def fingerprint(self) -> str:
+        return "proxy-" + sha256_text(self.inputs["proxy_model"], self.inputs.get("proxy_adapter", ""))
+
+
+@dataclass(frozen=True)
+class Item:
+    """A sample ready to score."""
+
+    sample_id: str
+    ids: np.ndarray  # (L,) int32, at most max_length
+    response_start: int
+
+
+@dataclass
+class Summary:
+    out: str
+    manifest: LogitCacheManifest
+    counts: dict[str, int]  # selection: samples of the split and part, truncated, skipped_*
+    engine: str = ""  # the engine that ran; "" when there was nothing to score
+    scored: int = 0  # samples scored by this invocation
+    tokens: int = 0  # response tokens scored by this invocation
+    score_s: float = 0.0  # seconds inside the engine
+    elapsed_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.score_s if self.score_s else 0.0
+
+
+def part_of(sample_id: str, parts: int) -> int:
+    """The part (of `parts`) that scores `sample_id`: fixed by the id alone."""
+    digest = hashlib.sha256(_PART_SALT + sample_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % parts
+
+
+def default_out(run: RunConfig, index: int, parts: int) -> str:
+    logits = run.artifact_dir("logits")
+    return logits if parts == 1 else f"{logits}-parts/{index}-of-{parts}"
+
+
+# the proxy ------------------------------------------------------------------------------------
+
+
+def _local_dir(path: str | Path, marker: str, what: str) -> Path:
+    p = Path(str(path).removeprefix("file://"))
+    if not (p / marker).is_file():
+        raise InputError(f"{what} {p} has no {marker}; pass a local {what} folder")
+    return p
+
+
+def _model_dir(spec: str | Path, what: str) -> Path:
+    """A local model folder, or a hub id fetched to (or found in) the local HF cache, as
+    proxy-align resolves its base."""
+    text = str(spec)
+    if Path(text).is_dir() or text.count("/") != 1 or text.startswith((".", "/", "~", "file://")):
+        return _local_dir(spec, "config.json", what)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+        raise InputError(f"{what} {spec!r} is neither a local folder nor downloadable from the hub ({type(e).__name__}: {e})") from None
+
+
+def resolve_proxy(cfg: CacheLogitsConfig, run: RunConfig) -> Proxy:
+    """Base + adapter from a proxy-align folder's manifest, or from --model / --adapter."""
+    model = Path(cfg.model) if cfg.model else None
+    adapter = Path(cfg.adapter) if cfg.adapter else None
+    recorded_base = None
+    if cfg.proxy or not (model or adapter):
+        root = Path((cfg.proxy or run.artifact_dir("proxy")).removeprefix("file://"))
+        m = Folder(str(root)).read_manifest()
+        if m.kind != "proxy":
+            raise InputError(f"{root} holds a {m.kind!r} artifact, not a proxy (the output of `pkd proxy-align`); or pass --model/--adapter")
+        if not m.complete:
+            raise InputError(f"{root}: proxy alignment has not finished (manifest says complete=false); rerun `pkd proxy-align` to finish it first")
+        if m.config.get("lora", True):
+            adapter = adapter or root / "adapter"
+            model = model or Path(str(m.config.get("model")))  # as given to proxy-align: a folder or a hub id
+            recorded_base = m.inputs.get("proxy_base")
+        else:
+            model = model or root / "model"
+    elif adapter and not model:
+        base = json.loads((_local_dir(adapter, "adapter_config.json", "LoRA adapter") / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise InputError(f"the LoRA adapter {adapter} names no base model: pass --model BASE_DIR")
+        model = Path(base)
+    assert model is not None
+    model = _model_dir(model, "proxy model")
+    if cfg.no_adapter:
+        adapter = None
+    inputs = {"proxy_model": files_fingerprint(model)}
+    if adapter is not None:
+        adapter = _local_dir(adapter, "adapter_config.json", "LoRA adapter")
+        inputs["proxy_adapter"] = files_fingerprint(adapter)
+        if recorded_base and recorded_base != inputs["proxy_model"]:
+            raise CompatibilityError(
+                f"the proxy model at {model} is not the base the adapter {adapter} was trained on (fingerprint "
+                f"{inputs['proxy_model']} now, {recorded_base} in the proxy manifest): pass the right base with --model"
+            )
+    return Proxy(model, adapter, inputs)
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if not tokenizer.chat_template:
+        raise InputError(f"{model_dir}: the proxy tokenizer has no chat template, so teacher chats cannot be rendered; add a `chat_template` to its tokenizer_config.json")
+    return tokenizer
+
+
+def _model_shape(model_dir: Path) -> tuple[int, int | None]:
+    """(vocab size = width of the logits, context length or None)."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(str(model_dir)).get_text_config()
+    return int(text.vocab_size), getattr(text, "max_position_embeddings", None)
+
+
+def check_student(header: LogitCacheManifest, student: str, proxy: Proxy) -> None:
+    """Refuse to start a cache the student could not train on (train-student's own check)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pkd.student_data import check_student_compatible
+
+    path = _model_dir(student, "student model")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    vocab = AutoConfig.from_pretrained(str(path)).get_text_config().vocab_size
+    check_student_compatible(header, tokenizer, vocab, f"a cache from the proxy {proxy.model_dir} (for the student {path})")
+
+
+# the samples ----------------------------------------------------------------------------------
+
+
+def teacher_models(folder: Folder, manifest: Manifest) -> str:
+    """The teacher model name(s) the samples record, comma-joined."""
+    import pyarrow.parquet as pq
+
+    names: set[str] = set()
+    for f in manifest.files:
+        if f.path.startswith(SHARDS_PREFIX) and f.path.endswith(".parquet"):
+            with folder.open(f.path) as fh:
+                names.update(pq.read_table(fh, columns=["teacher"]).column(0).to_pylist())
+    return ",".join(sorted(names))
+
+
+def select(samples: Iterable[TeacherSample], cfg: CacheLogitsConfig, tokenizer: Any, done: set[str]) -> tuple[list[Item], Counter[str]]:
+    """This part's samples of the split as chat ids, in folder order, under the max-length
+    policy; committed ones are counted but not returned."""
+    index, parts = cfg.part_index
+    counts: Counter[str] = Counter()
+    items = []
+    for s in samples:
+        if s.split != cfg.split or part_of(s.sample_id, parts) != index:
+            continue
+        counts["samples"] += 1
+        chat = encode_chat(tokenizer, s.messages, s.response)
+        counts["joined_tokenization"] += chat.joined
+        ids = chat.ids
+        if len(ids) > cfg.max_length:
+            if cfg.overflow == "skip" or chat.response_start >= cfg.max_length:
+                counts["skipped_too_long"] += 1
+                continue
+            counts["truncated"] += 1
+            ids = ids[: cfg.max_length]
+        if chat.response_start >= len(ids):
+            counts["skipped_empty"] += 1
+            continue
+        if s.sample_id not in done:
+            items.append(Item(s.sample_id, np.asarray(ids, np.int32), chat.response_start))
+    return items, +counts
+
+
+# the output folder ----------------------------------------------------------------------------
+
+
+def _differences(old: Any, new: Any, name: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new)) for d in _differences(old.get(key), new.get(key), f"{name}.{key}")]
+    return [] if old == new else [f"{name}: {old!r} there, {new!r} now"]
+
+
+def open_existing(folder: Folder, header: LogitCacheManifest) -> LogitCacheManifest | None:
+    """The cache already in `folder` if it was made from the same inputs and settings (None if
+    the folder holds none); anything else there is an error naming what differs."""
+    if not folder.has_manifest():
+        foreign = [p for p in folder.listdir() if not p.startswith(SHARD_DIR + "/") and TMP_MARK not in p]
+        if foreign:
+            raise InputError(f"{folder.uri} is not empty ({foreign[0]}, ...) and holds no logit cache: choose another --out")
+        return None
+    m = folder.read_manifest()
+    if not isinstance(m, LogitCacheManifest):
+        raise InputError(f"{folder.uri} holds a {m.kind!r} artifact, not a logit cache: choose another --out")
+    diffs = [d for f in HEADER_FIELDS for d in _differences(getattr(m, f), getattr(header, f), f)]
+    if diffs:
+        raise CompatibilityError(
+            f"{folder.uri} holds a logit cache made from other inputs or settings ({'; '.join(diffs)}): "
+            "choose another --out, or delete that folder to rebuild it"
+        )
+    return m
+
+
+def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+# the step -------------------------------------------------------------------------------------
+
+
+def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool = True) -> Summary:
+    """Score every sample of the split (this part's share) not yet in the output folder."""
+    from pkd.engines import load_engine
+
+    start = time.monotonic()
+    index, parts = cfg.part_index
+    teacher = Folder(cfg.teacher or run.artifact_dir("teacher"))
+    t_manifest, samples = read_teacher_samples(teacher)
+    splits = Counter(s.split for s in samples)
+    if not splits[cfg.split]:
+        have = ", ".join(f"{k} {v}" for k, v in sorted(splits.items())) or "no rows at all"
+        raise InputError(
+            f"{teacher.uri}: no teacher samples in split {cfg.split!r} ({have}); cache-logits scores D_s: resample with "
+            "[teacher_sample] split_ratios giving it a share (e.g. [0.1, 0.45, 0.45]), or pick another split with --split"
+        )
+    proxy = resolve_proxy(cfg, run)
+    tokenizer = _load_tokenizer(proxy.model_dir)
+    vocab, context = _model_shape(proxy.model_dir)
+    codec = TopkCodec(k=cfg.k, vocab_size=vocab)  # refuses k > vocab
+    check_score_args([], [], cfg.k, cfg.max_logprobs, vocab)  # refuses k > max_logprobs, saying how to raise it
+    if context is not None and cfg.max_length > context:
+        raise ConfigError(f"[cache_logits] max_length {cfg.max_length} exceeds the proxy's context of {context} tokens: lower --max-length")
+    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in FREE_KEYS} | {"tokenization": TOKENIZATION}
+    header = LogitCacheManifest(
+        codec=codec.spec(),
+        vocab_size=vocab,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        proxy_fingerprint=proxy.fingerprint,
+        teacher_model=teacher_models(teacher, t_manifest),
+        inputs={"teacher": teacher_fingerprint(t_manifest), **proxy.inputs},
+        config=config,
+    )
+    if cfg.student:
+        check_student(header, cfg.student, proxy)
+    folder = Folder(cfg.out or default_out(run, index, parts))
+    existing = open_existing(folder, header)
+    if existing is not None and existing.complete:
+        counts = {k: v for k, v in existing.counts.items() if k not in ("rows", "tokens")}
+        return Summary(folder.uri, existing, counts, elapsed_s=time.monotonic() - start)
+
+    writer = LogitCacheWriter(folder, header, shard_rows=cfg.shard_rows, part=index)
+    done = writer.committed_ids()
+    todo, counts = select(samples, cfg, tokenizer, done)
+    del samples
+    summary = Summary(folder.uri, writer.manifest, dict(counts))
+    if todo:
+        with (
+            load_engine(
+                cfg.engine, proxy.model_dir, adapter_dir=proxy.adapter_dir, dtype=cfg.dtype, max_logprobs=cfg.max_logprobs,
+                max_model_len=min(cfg.max_length + 1, context or cfg.max_length + 1), seed=run.seed,
+                gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
+                batch_tokens=cfg.batch_tokens,
+            ) as engine,
+            TokenProgress(len(todo) + len(done), done=len(done), description="cache-logits", enabled=progress) as bar,
+        ):  # fmt: skip
+            summary.engine = engine.kind
+            for chunk in _chunks(todo, cfg.shard_rows):  # one shard each: see the module docstring
+                tick = time.perf_counter()
+                results = list(engine.score_topk([c.ids.tolist() for c in chunk], [c.response_start for c in chunk], cfg.k))
+                summary.score_s += time.perf_counter() - tick
+                for item, r in zip(chunk, results):
+                    writer.add(LogitSample(item.sample_id, item.ids, item.response_start, r.topk_ids, r.topk_logprobs, r.token_logprobs))
+                tokens = sum(len(r.token_logprobs) for r in results)
+                summary.scored += len(chunk)
+                summary.tokens += tokens
+                bar.update(done=len(chunk), tokens=tokens)
+    manifest = writer.close()
+    manifest.counts.update(counts)
+    folder.write_manifest(manifest)
+    summary.manifest = manifest
+    summary.elapsed_s = time.monotonic() - start
+    return summary

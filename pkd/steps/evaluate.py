@@ -1,0 +1,152 @@
+"""`pkd eval`: how closely a model follows held-out teacher responses.
+
+Reads `pkd teacher-sample` output (its manifest's Parquet shards, streamed) and a model: a base
+or merged model directory, or a LoRA adapter (its base from `--base` or the adapter's record).
+Per sample, the teacher response is scored teacher-forced after the chat-templated prompt:
+- NLL per token of the response (and its perplexity);
+- top-1 agreement: how often the model's argmax equals the teacher's next token;
+- exact match: for prompts carrying a `reference`, the greedy answer equals it after
+  whitespace/case normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pkd.config import EvalConfig, RunConfig
+from pkd.errors import ConfigError, InputError
+from pkd.store import Folder
+
+COLUMNS = ["sample_id", "split", "messages", "response", "reference"]
+
+
+def iter_teacher_samples(folder: Folder, split: str | None, limit: int | None) -> Iterator[dict[str, Any]]:
+    """Rows of a teacher-sample folder, shard by shard, filtered to `split` (None: all)."""
+    import pyarrow.parquet as pq
+
+    manifest = folder.read_manifest()
+    if manifest.kind != "teacher":
+        raise InputError(f"{folder.where('manifest.json')}: a {manifest.kind!r} artifact, not `pkd teacher-sample` output")
+    n = 0
+    for entry in manifest.files:
+        if not entry.path.endswith(".parquet"):
+            continue
+        with folder.open(entry.path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=COLUMNS):
+                for row in batch.to_pylist():
+                    if split is None or row["split"] == split:
+                        yield row
+                        n += 1
+                        if limit is not None and n >= limit:
+                            return
+
+
+def load_model(path: str, base: str | None):
+    """(model, tokenizer) for a model directory or a LoRA adapter directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise InputError(f"{p}: neither a model (config.json) nor a LoRA adapter (adapter_config.json)")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = base or json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ConfigError(f"{p} is a LoRA adapter whose base model {base!r} is not a local folder: pass --base DIR")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), str(p))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+    tok_dir = p if (p / "tokenizer_config.json").is_file() else Path(base or p)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, AutoTokenizer.from_pretrained(tok_dir)
+
+
+def encode(tokenizer, messages: list[dict[str, str]], response: str, max_length: int) -> tuple[list[int], int]:
+    """Prompt + response ids as the chat template renders the whole conversation, and where the
+    response starts (the prompt ends with the generation prompt)."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    rest = full[len(prompt) :] if full.startswith(prompt) else response
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = head + tokenizer(rest, add_special_tokens=False)["input_ids"]
+    return ids[:max_length], len(head)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
+    import torch
+
+    if not cfg.model:
+        raise ConfigError("[eval] model: no model given (--model DIR)")
+    samples = cfg.samples or run.artifact_dir("teacher")
+    split = None if cfg.split in (None, "all") else cfg.split
+    model, tok = load_model(cfg.model, cfg.base)
+    device = next(model.parameters()).device
+    nll = agree = tokens = rows = 0.0
+    em_hits = em_rows = 0
+    rows_iter = iter_teacher_samples(Folder(samples), split, cfg.limit)
+    while batch := [r for _, r in zip(range(cfg.batch_size), rows_iter)]:
+        encoded = [encode(tok, r["messages"], r["response"], cfg.max_length) for r in batch]
+        L = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(batch), L), tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        target = torch.full_like(input_ids, -100)  # (B, L): token predicted at each position
+        for b, (ids, start) in enumerate(encoded):
+            input_ids[b, : len(ids)], mask[b, : len(ids)] = torch.tensor(ids), 1
+            first = max(start, 1)
+            target[b, first - 1 : len(ids) - 1] = torch.tensor(ids[first:], dtype=torch.long)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, L, V)
+        target = target.to(device)
+        valid = target != -100
+        logp = torch.log_softmax(logits[valid], -1)  # (M, V)
+        nll -= float(logp.gather(1, target[valid][:, None]).sum())
+        agree += float((logp.argmax(-1) == target[valid]).sum())
+        tokens += float(valid.sum())
+        rows += len(batch)
+        with_ref = [(r, ids[:start]) for r, (ids, start) in zip(batch, encoded) if r.get("reference")]
+        if with_ref:
+            em_rows += len(with_ref)
+            em_hits += sum(_normalise(a) == _normalise(r["reference"]) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
+    if not rows:
+        raise InputError(f"{samples}: no samples in split {cfg.split!r}")
+    report = {
+        "model": cfg.model,
+        "samples": samples,
+        "split": cfg.split or "all",
+        "rows": int(rows),
+        "tokens": int(tokens),
+        "nll_per_token": nll / max(tokens, 1),
+        "perplexity": math.exp(min(nll / max(tokens, 1), 50.0)),
+        "top1_agreement": agree / max(tokens, 1),
+        "exact_match": em_hits / em_rows if em_rows else None,
+        "exact_match_rows": em_rows,
+    }
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to tokenised prompts (left-padded batch), decoded without special tokens."""
+    import torch
+
+    L = max(map(len, prompts))
+    pad = tok.pad_token_id or 0
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return tok.batch_decode(out[:, L:], skip_special_tokens=True)

@@ -1,0 +1,221 @@
+"""`pkd train-student`: stream a logit cache into a weighted Proxy-KD student (DESIGN §1, §5).
+
+Reads: the cache (manifest + shards, any fsspec URI) and the student base model. The proxy is
+never loaded. Writes to `out/`: `checkpoints/checkpoint-N` (Trainer's, resumable), `model/`
+(LoRA adapter or full weights + tokenizer), `report.json`, and `manifest.json` (kind "student",
+written last). Runs the same under `torchrun` / `accelerate launch` (each rank reads its own
+streams; rank 0 writes the outputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pkd.config import RunConfig, TrainStudentConfig
+from pkd.errors import ConfigError, InputError, ManifestError
+from pkd.fingerprint import files_fingerprint, sha256_file
+from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
+from pkd.store import Folder
+
+RUN_CONFIG = "run_config.json"  # the config a run started with: resuming needs the same one
+
+
+@dataclass
+class StudentResult:
+    out: Path
+    status: str  # "trained", "up to date" or "stopped" (before max_steps: resumable)
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    final: dict[str, float]
+
+
+def cache_fingerprint(manifest: LogitCacheManifest) -> str:
+    """A cache's identity for lineage: the hash of its complete manifest (which lists every
+    shard's sha256)."""
+    return "logits-" + hashlib.sha256(dump_manifest(manifest).encode()).hexdigest()
+
+
+def _open_cache(uri: str) -> tuple[Folder, LogitCacheManifest]:
+    folder = Folder(uri)
+    manifest = folder.read_manifest(LogitCacheManifest)
+    if not isinstance(manifest, LogitCacheManifest):
+        raise ManifestError(f"{folder.where('manifest.json')}: a {manifest.kind!r} artifact, not a logit cache")
+    if not manifest.complete:
+        raise ManifestError(f"{folder.where('manifest.json')}: the cache is incomplete (an interrupted `pkd cache-logits`?); finish it first")
+    return folder, manifest
+
+
+def _resolve(cfg: TrainStudentConfig, run: RunConfig) -> tuple[str, Path, Path]:
+    if not cfg.student:
+        raise ConfigError("[train_student] student: no student model given (--student DIR)")
+    student = Path(cfg.student)
+    if not (student / "config.json").is_file():
+        raise InputError(f"{student}: not a model directory (no config.json)")
+    out = Path(cfg.out or run.artifact_dir("student"))
+    if "://" in str(out):
+        raise ConfigError(f"[train_student] out = {out}: must be a local folder (Trainer writes checkpoints there); push the result afterwards")
+    return cfg.cache or run.artifact_dir("logits"), student, out
+
+
+def _config_record(cfg: TrainStudentConfig, seed: int, world: int, streams: int, max_steps: int) -> dict[str, Any]:
+    """What fixes the result: the section (minus paths) with its derived values filled in."""
+    rec = cfg.model_dump(exclude={"cache", "student", "out"})
+    return rec | {"seed": seed, "processes": world, "data_streams": streams, "max_steps": max_steps}
+
+
+def _check_same_run(out: Path, record: dict[str, Any]) -> None:
+    path = out / RUN_CONFIG
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
+        if changed:
+            raise ConfigError(f"{out} holds a run started with different settings ({', '.join(changed)}); use another --out or delete it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None) -> StudentResult:
+    """Train (or resume, or find already done) the student described by `cfg`."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from pkd.kd_trainer import KDSettings, ProxyKDTrainer
+    from pkd.student_data import CacheStream, check_student_compatible
+
+    cache_uri, student, out = _resolve(cfg, run)
+    folder, manifest = _open_cache(cache_uri)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    check_student_compatible(manifest, tokenizer, AutoConfig.from_pretrained(student).vocab_size, folder.uri)
+    inputs = {"cache": cache_fingerprint(manifest), "student": files_fingerprint(student)}
+
+    gpu = torch.cuda.is_available()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu)
+    seed = run.seed if cfg.seed is None else cfg.seed
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        max_steps=1,  # set below, once the world size is known
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=seed,
+        bf16=bf16,
+        use_cpu=not gpu,
+        remove_unused_columns=False,
+        ignore_data_skip=True,
+        dataloader_num_workers=cfg.dataloader_workers,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        report_to="tensorboard" if _has("tensorboard") else "none",
+        ddp_find_unused_parameters=False,
+    )
+    world, rank = args.world_size, args.process_index
+    streams = cfg.data_streams or world * max(1, cfg.dataloader_workers)
+    global_batch = cfg.per_device_batch_size * cfg.grad_accum * world
+    args.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest.rows / global_batch))
+    record = _config_record(cfg, seed, world, streams, args.max_steps)
+
+    done = Folder(str(out))
+    if done.has_manifest():
+        m = done.read_manifest()
+        if m.complete and m.inputs == inputs and m.config == record:
+            report = json.loads((out / "report.json").read_text())
+            return StudentResult(out, "up to date", report["steps"], report["tokens"], report["tokens_per_s"], report["final"])
+    if rank == 0:
+        _check_same_run(out, record)
+
+    stream = CacheStream(
+        folder,
+        manifest,
+        batch_size=cfg.per_device_batch_size,
+        max_length=cfg.max_length,
+        seed=seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_streams=streams,
+        rank=rank,
+        world_size=world,
+        uniform_weights=cfg.uniform_weights,
+        pad_id=tokenizer.pad_token_id or 0,
+        pad_multiple=8 if gpu else 1,
+    )
+    model = _load_student(student, cfg, bf16 and gpu)
+    trainer = ProxyKDTrainer(
+        model=model,
+        args=args,
+        train_dataset=stream,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        kd=KDSettings(alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature),
+    )
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] if last else 0
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last)
+    elapsed = time.perf_counter() - t0
+    state = trainer.state
+    tokens = sum(int(h.get("tokens", 0)) for h in state.log_history)
+    new_tokens = sum(int(h.get("tokens", 0)) for h in state.log_history if h.get("step", 0) > start)
+    final = {k: v for k, v in (next((h for h in reversed(state.log_history) if "loss" in h), {})).items() if k in ("loss", "ce", "kl", "w_mean")}
+    result = StudentResult(out, "trained" if state.global_step >= args.max_steps else "stopped", state.global_step, tokens, new_tokens / max(elapsed, 1e-9), final)
+    if result.status == "trained":
+        trainer.save_model(str(out / "model"))
+        if trainer.is_world_process_zero():
+            _write_outputs(out, result, state.log_history, inputs, record, manifest)
+    return result
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool):
+    """The student, wrapped in a LoRA adapter unless full fine-tuning. LoRA on GPU keeps the
+    frozen base in bf16; trained weights stay fp32 (Trainer's bf16 autocast does the rest)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.lora and bf16_weights else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if not cfg.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target)
+    model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def _write_outputs(out: Path, result: StudentResult, history: list[dict], inputs: dict[str, str], record: dict[str, Any], cache: LogitCacheManifest) -> None:
+    report = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "final": result.final,
+        "cache": {"rows": cache.rows, "tokens": cache.tokens, "k": cache.codec.get("k"), "teacher": cache.teacher_model},
+        "config": record,
+        "log_history": history,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    files = sorted(p for p in (out / "model").rglob("*") if p.is_file()) + [out / "report.json"]
+    entries = [FileEntry(path=p.relative_to(out).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size, rows=0) for p in files]
+    manifest = Manifest(kind="student", complete=True, inputs=inputs, config=record, counts={"steps": result.steps, "tokens": result.tokens}, files=entries)
+    Folder(str(out)).write_manifest(manifest)

@@ -1,0 +1,170 @@
+"""Plain torch SFT, greedy decoding and teacher-forced agreement for the toy world's tiny models.
+
+A hand-written loop rather than a Trainer: for ~40-token samples and sub-million-parameter models
+on 2 CPU cores, Trainer's per-step overhead is a large share of the step. Batches are right-padded
+without an attention mask: causal attention means no real token ever sees a pad on its right, and
+pads carry no loss, so the result equals unpadded training at a fraction of the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids of one chat, and the index where the loss starts (0: whole text)."""
+
+    ids: list[int]
+    loss_start: int
+
+
+def chat_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    chats: Sequence[list[dict[str, str]]],
+    *,
+    response_only: bool = True,
+) -> list[Example]:
+    """Tokenize (user, assistant) chats with the chat template. With `response_only` the loss
+    covers the assistant turn and its end-of-turn token only, as in SFT on teacher responses."""
+    out = []
+    for chat in chats:
+        prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(chat)
+        prompt, full = _ids(prompt), _ids(full)
+        assert full[: len(prompt)] == prompt, "chat template must extend the generation prompt"
+        out.append(Example(full, len(prompt) if response_only else 0))
+    return out
+
+
+def _ids(encoded: object) -> list[int]:
+    """apply_chat_template returns a list, or a BatchEncoding when return_dict defaults on."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)  # type: ignore[index]
+
+
+def _batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # (B, T)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, e.loss_start : len(e.ids)] = ids[i, e.loss_start : len(e.ids)]
+    return ids, labels
+
+
+def train_sft(
+    model: PreTrainedModel,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    seed: int = 0,
+    warmup: int = 20,
+    weight_decay: float = 0.01,
+) -> dict[str, float]:
+    """AdamW with linear warm-up then cosine decay to 10% of `lr`, over shuffled epochs of
+    `examples`. Trains `model` in place; returns the final loss (mean of the last 20 steps) and
+    the wall time, so a report can show what training cost."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+    model.train()
+    start, losses = time.monotonic(), []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout-free models, but keep any randomness reproducible
+        for step in range(steps):
+            if len(order) < batch_size:
+                fresh = list(range(len(examples)))
+                rng.shuffle(fresh)
+                order += fresh
+            chosen, order = order[:batch_size], order[batch_size:]
+            ids, labels = _batch([examples[i] for i in chosen], pad_id)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+    model.eval()
+    tail = losses[-20:]
+    return {"final_loss": sum(tail) / max(1, len(tail)), "train_s": time.monotonic() - start}
+
+
+@torch.no_grad()
+def greedy_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 256,
+) -> list[str]:
+    """Greedy answers to user questions through the chat template, stopping at end of turn: the
+    same decoding a vLLM server does at temperature 0."""
+    model.eval()
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out: list[str] = []
+    try:
+        for i in range(0, len(questions), batch_size):
+            chats = [[{"role": "user", "content": q}] for q in questions[i : i + batch_size]]
+            texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = old_side
+    return out
+
+
+@torch.no_grad()
+def agreement(
+    model: PreTrainedModel, examples: Sequence[Example], pad_id: int, batch_size: int = 256
+) -> dict[str, float]:
+    """Teacher-forced on reference responses: top-1 agreement (how often the model's argmax is
+    the reference's next token) and NLL per token, over the loss positions of `examples`."""
+    model.eval()
+    hits = tokens = 0
+    nll = 0.0
+    for i in range(0, len(examples), batch_size):
+        ids, labels = _batch(examples[i : i + batch_size], pad_id)
+        logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
+        target = labels[:, 1:]  # (B, T-1)
+        mask = target != IGNORE
+        logp = torch.log_softmax(logits, dim=-1)
+        safe = target.clamp(min=0)
+        nll -= logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
+        hits += (logits.argmax(-1) == target)[mask].sum().item()
+        tokens += mask.sum().item()
+    return {"agreement": hits / max(1, tokens), "nll_per_token": nll / max(1, tokens)}

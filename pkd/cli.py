@@ -172,11 +172,9 @@ def recipe_show(
     assign: Annotated[list[str] | None, typer.Option("--set", help="Override a value: SECTION.KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Validate a recipe and print it fully resolved (defaults < recipe < overrides)."""
-    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.config import resolve_recipe
 
-    recipe = load_recipe(path)
-    for section, values in parse_assignments(assign or []).items():
-        recipe = override(recipe, section, values, source="--set")
+    recipe = resolve_recipe(path, assign, "run", {})
     console.print_json(recipe.model_dump_json())
 
 
@@ -212,19 +210,16 @@ def teacher_sample(
     assign: SetOption = None,
 ) -> None:
     """Sample the teacher API for every prompt into Parquet shards; resumable, exactly once per sample."""
-    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.config import resolve_recipe
     from pkd.steps.teacher_sample import plan_teacher_sample, run_teacher_sample
 
-    r = load_recipe(recipe)
-    for section, values in parse_assignments(assign or []).items():
-        r = override(r, section, values, source="--set")
     flags = dict(
         prompts=prompts, out=out, base_url=base_url, model=model, api_key_env=api_key_env, system_prompt=system_prompt, n=n,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs, concurrency=concurrency,
         request_timeout_s=request_timeout, max_retries=max_retries, max_failures=max_failures, shard_size=shard_size,
         keep_truncated=keep_truncated, limit=limit,
     )  # fmt: skip
-    r = override(r, "teacher_sample", flags)
+    r = resolve_recipe(recipe, assign, "teacher_sample", flags)
     if dry_run:
         p = plan_teacher_sample(r.teacher_sample, r.run)
         splits = ", ".join(f"{k} {v:,}" for k, v in sorted(p.splits.items()))
@@ -279,19 +274,16 @@ def train_student(
     assign: SetOption = None,
 ) -> None:
     """Distil the logit cache into the student (Proxy-KD); resumes from the last checkpoint in --out."""
-    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.config import resolve_recipe
     from pkd.steps.train_student import train_student as run_train_student
 
-    r = load_recipe(recipe)
-    for section, values in parse_assignments(assign or []).items():
-        r = override(r, section, values, source="--set")
     flags = dict(
         cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights,
         lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
         epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
         dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed,
     )  # fmt: skip
-    r = override(r, "train_student", flags)
+    r = resolve_recipe(recipe, assign, "train_student", flags)
     res = run_train_student(r.train_student, r.run)
     if os.environ.get("RANK", "0") != "0":
         return
@@ -318,14 +310,11 @@ def evaluate(
     assign: SetOption = None,
 ) -> None:
     """Score a model on held-out teacher samples: NLL per token, top-1 agreement, exact match."""
-    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.config import resolve_recipe
     from pkd.steps.evaluate import evaluate as run_evaluate
 
-    r = load_recipe(recipe)
-    for section, values in parse_assignments(assign or []).items():
-        r = override(r, section, values, source="--set")
     flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, out=out)
-    r = override(r, "eval", flags)
+    r = resolve_recipe(recipe, assign, "eval", flags)
     report = run_evaluate(r.eval, r.run)
     if as_json:
         console.print_json(json.dumps(report))
@@ -381,12 +370,9 @@ def proxy_align(
 ) -> None:
     """Align the proxy to the teacher: warm-up SFT on D_w, then K rounds of DPO + NLL; resumable."""
     from pkd.align.report import table
-    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.config import resolve_recipe
     from pkd.steps.proxy_align import run_proxy_align
 
-    r = load_recipe(recipe)
-    for section, values in parse_assignments(assign or []).items():
-        r = override(r, section, values, source="--set")
     flags = dict(
         model=model, teacher=teacher, out=out, student=student, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_target=lora_target, learning_rate=learning_rate, lr_scheduler=lr_scheduler,
@@ -395,7 +381,7 @@ def proxy_align(
         max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
         precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
     )  # fmt: skip
-    r = override(r, "proxy_align", flags)
+    r = resolve_recipe(recipe, assign, "proxy_align", flags)
     s = run_proxy_align(r, say=lambda msg: err_console.print(escape(msg), highlight=False))
     if as_json:
         console.print_json(json.dumps(s.report))
@@ -433,19 +419,16 @@ def cache_logits(
     assign: SetOption = None,
 ) -> None:
     """Score the teacher's responses with the proxy into the logit cache (top-k per position, ℓ, μ/γ); resumable."""
-    from pkd.config import load_recipe, override, parse_assignments
+    from pkd.config import resolve_recipe
     from pkd.steps.cache_logits import run_cache_logits
 
-    r = load_recipe(recipe)
-    for section, values in parse_assignments(assign or []).items():
-        r = override(r, section, values, source="--set")
     flags = dict(
         proxy=proxy, teacher=teacher, model=model, adapter=adapter, no_adapter=no_adapter, student=student, out=out, split=split, k=k,
         max_logprobs=max_logprobs, engine=engine, dtype=dtype, max_length=max_length, overflow=overflow, part=part,
         shard_rows=shard_rows, batch_tokens=batch_tokens, gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
-    r = override(r, "cache_logits", flags)
+    r = resolve_recipe(recipe, assign, "cache_logits", flags)
     s = run_cache_logits(r.cache_logits, r.run)
     m = s.manifest
     if not s.scored:

@@ -274,6 +274,14 @@ def override(recipe: Recipe, section: str, values: dict[str, Any], source: str =
         raise _validation_problem(e, source) from None
 
 
+def resolve_recipe(path: str | Path | None, assignments: list[str] | None, section: str, flags: dict[str, Any]) -> Recipe:
+    """The one precedence chain every command uses: defaults < recipe file < `--set` < flags."""
+    recipe = load_recipe(path)
+    for name, values in parse_assignments(assignments or []).items():
+        recipe = override(recipe, name, values, source="--set")
+    return override(recipe, section, flags)
+
+
 def parse_assignments(items: list[str]) -> dict[str, dict[str, Any]]:
     """`section.key=value` strings (values parsed as TOML, else kept as strings) by section."""
     out: dict[str, dict[str, Any]] = {}

@@ -262,11 +262,12 @@ class LogitCacheWriter:
         self.folder.write_manifest(self.manifest)
         self._buffer = []
 
-    def close(self) -> LogitCacheManifest:
-        """Commit the last shard, compute μ/γ over the whole cache, mark it complete."""
+    def close(self, counts: dict[str, int] | None = None) -> LogitCacheManifest:
+        """Commit the last shard, compute μ/γ over the whole cache, mark it complete; `counts`
+        (e.g. the caller's selection tallies) go into the manifest beside rows and tokens."""
         self.flush()
         self.manifest.seq_logprob = seq_logprob_stats(iter_column(self.folder, self.manifest, "seq_logprob"))
-        self.manifest.counts = {"rows": self.manifest.rows, "tokens": self.manifest.tokens}
+        self.manifest.counts = {**(counts or {}), "rows": self.manifest.rows, "tokens": self.manifest.tokens}
         self.manifest.complete = True
         self.folder.write_manifest(self.manifest)
         return self.manifest

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from pkd.align.data import TeacherSample, preference_pairs, read_teacher_samples, split_samples
+from pkd.align.data import preference_pairs, split_samples
+from pkd.teacher_samples import TeacherSample, read_teacher_samples
 from pkd.align.lora import vllm_problems
 from pkd.cli import app
 from pkd.config import Recipe, override

@@ -13,48 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkd.errors import InputError
-from pkd.fingerprint import sha256_text
-from pkd.records import Manifest
-from pkd.store import Folder
-
-SHARDS_PREFIX = "shards/"
-COLUMNS = ["sample_id", "prompt_id", "split", "messages", "response"]
-
-
-@dataclass(frozen=True)
-class TeacherSample:
-    sample_id: str
-    prompt_id: str
-    split: str  # warmup | align | distill
-    messages: list[dict[str, str]]  # the prompt as sent to the teacher
-    response: str
-
-
-def teacher_fingerprint(manifest: Manifest) -> str:
-    """Content fingerprint of a teacher-sample folder: its shards' sha256 (the ledgers only say
-    which prompts were handled, not what the proxy learns from)."""
-    return "teacher-" + sha256_text(*sorted(f.sha256 for f in manifest.files if f.path.startswith(SHARDS_PREFIX)))
-
-
-def read_teacher_samples(folder: Folder) -> tuple[Manifest, list[TeacherSample]]:
-    """All samples of a complete `pkd teacher-sample` folder, in file order."""
-    import pyarrow.parquet as pq
-
-    m = folder.read_manifest()
-    if m.kind != "teacher":
-        raise InputError(f"{folder.uri} holds a {m.kind!r} artifact, not teacher samples (the output of `pkd teacher-sample`)")
-    if not m.complete:
-        raise InputError(f"{folder.uri}: teacher sampling has not finished (manifest says complete=false); rerun `pkd teacher-sample` to finish it first")
-    samples = []
-    for f in m.files:
-        if not f.path.startswith(SHARDS_PREFIX):
-            continue
-        with folder.open(f.path) as fh:
-            table = pq.read_table(fh, columns=COLUMNS)
-        for row in table.to_pylist():
-            samples.append(TeacherSample(row["sample_id"], row["prompt_id"], row["split"], row["messages"], row["response"]))
-    return m, samples
-
+from pkd.teacher_samples import TeacherSample
 
 def _rank(key: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()

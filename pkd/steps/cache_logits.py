@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from pkd.align.data import SHARDS_PREFIX, TeacherSample, read_teacher_samples, teacher_fingerprint
+from pkd.models import local_dir, resolve_model
+from pkd.teacher_samples import SHARDS_PREFIX, TeacherSample, read_teacher_samples, teacher_fingerprint
 from pkd.codec import TopkCodec
 from pkd.config import CacheLogitsConfig, RunConfig
 from pkd.engines import check_score_args
@@ -100,27 +101,6 @@ def default_out(run: RunConfig, index: int, parts: int) -> str:
 # the proxy ------------------------------------------------------------------------------------
 
 
-def _local_dir(path: str | Path, marker: str, what: str) -> Path:
-    p = Path(str(path).removeprefix("file://"))
-    if not (p / marker).is_file():
-        raise InputError(f"{what} {p} has no {marker}; pass a local {what} folder")
-    return p
-
-
-def _model_dir(spec: str | Path, what: str) -> Path:
-    """A local model folder, or a hub id fetched to (or found in) the local HF cache, as
-    proxy-align resolves its base."""
-    text = str(spec)
-    if Path(text).is_dir() or text.count("/") != 1 or text.startswith((".", "/", "~", "file://")):
-        return _local_dir(spec, "config.json", what)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
-        raise InputError(f"{what} {spec!r} is neither a local folder nor downloadable from the hub ({type(e).__name__}: {e})") from None
-
-
 def resolve_proxy(cfg: CacheLogitsConfig, run: RunConfig) -> Proxy:
     """Base + adapter from a proxy-align folder's manifest, or from --model / --adapter."""
     model = Path(cfg.model) if cfg.model else None
@@ -140,17 +120,17 @@ def resolve_proxy(cfg: CacheLogitsConfig, run: RunConfig) -> Proxy:
         else:
             model = model or root / "model"
     elif adapter and not model:
-        base = json.loads((_local_dir(adapter, "adapter_config.json", "LoRA adapter") / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = json.loads((local_dir(adapter, "adapter_config.json", "LoRA adapter") / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise InputError(f"the LoRA adapter {adapter} names no base model: pass --model BASE_DIR")
         model = Path(base)
     assert model is not None
-    model = _model_dir(model, "proxy model")
+    model = resolve_model(model, "proxy model")
     if cfg.no_adapter:
         adapter = None
     inputs = {"proxy_model": files_fingerprint(model)}
     if adapter is not None:
-        adapter = _local_dir(adapter, "adapter_config.json", "LoRA adapter")
+        adapter = local_dir(adapter, "adapter_config.json", "LoRA adapter")
         inputs["proxy_adapter"] = files_fingerprint(adapter)
         if recorded_base and recorded_base != inputs["proxy_model"]:
             raise CompatibilityError(
@@ -183,7 +163,7 @@ def check_student(header: LogitCacheManifest, student: str, proxy: Proxy) -> Non
 
     from pkd.student_data import check_student_compatible
 
-    path = _model_dir(student, "student model")
+    path = resolve_model(student, "student model")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     vocab = AutoConfig.from_pretrained(str(path)).get_text_config().vocab_size
     check_student_compatible(header, tokenizer, vocab, f"a cache from the proxy {proxy.model_dir} (for the student {path})")
@@ -335,9 +315,7 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
                 summary.scored += len(chunk)
                 summary.tokens += tokens
                 bar.update(done=len(chunk), tokens=tokens)
-    manifest = writer.close()
-    manifest.counts.update(counts)
-    folder.write_manifest(manifest)
+    manifest = writer.close(counts)
     summary.manifest = manifest
     summary.elapsed_s = time.monotonic() - start
     return summary

@@ -13,37 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import itertools
 from pathlib import Path
 from typing import Any
 
 from pkd.config import EvalConfig, RunConfig
 from pkd.errors import ConfigError, InputError
 from pkd.store import Folder
-
-COLUMNS = ["sample_id", "split", "messages", "response", "reference"]
-
-
-def iter_teacher_samples(folder: Folder, split: str | None, limit: int | None) -> Iterator[dict[str, Any]]:
-    """Rows of a teacher-sample folder, shard by shard, filtered to `split` (None: all)."""
-    import pyarrow.parquet as pq
-
-    manifest = folder.read_manifest()
-    if manifest.kind != "teacher":
-        raise InputError(f"{folder.where('manifest.json')}: a {manifest.kind!r} artifact, not `pkd teacher-sample` output")
-    n = 0
-    for entry in manifest.files:
-        if not entry.path.endswith(".parquet"):
-            continue
-        with folder.open(entry.path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=COLUMNS):
-                for row in batch.to_pylist():
-                    if split is None or row["split"] == split:
-                        yield row
-                        n += 1
-                        if limit is not None and n >= limit:
-                            return
-
+from pkd.teacher_samples import iter_teacher_samples, open_teacher_samples
+from pkd.tokenize_chat import encode_chat
 
 def load_model(path: str, base: str | None):
     """(model, tokenizer) for a model directory or a LoRA adapter directory."""
@@ -69,14 +47,10 @@ def load_model(path: str, base: str | None):
 
 
 def encode(tokenizer, messages: list[dict[str, str]], response: str, max_length: int) -> tuple[list[int], int]:
-    """Prompt + response ids as the chat template renders the whole conversation, and where the
-    response starts (the prompt ends with the generation prompt)."""
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-    rest = full[len(prompt) :] if full.startswith(prompt) else response
-    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = head + tokenizer(rest, add_special_tokens=False)["input_ids"]
-    return ids[:max_length], len(head)
+    """Prompt + response ids as cache-logits renders them, cut at `max_length`, and where the
+    response starts."""
+    chat = encode_chat(tokenizer, messages, response)
+    return chat.ids[:max_length], chat.response_start
 
 
 def _normalise(text: str) -> str:
@@ -94,9 +68,10 @@ def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
     device = next(model.parameters()).device
     nll = agree = tokens = rows = 0.0
     em_hits = em_rows = 0
-    rows_iter = iter_teacher_samples(Folder(samples), split, cfg.limit)
-    while batch := [r for _, r in zip(range(cfg.batch_size), rows_iter)]:
-        encoded = [encode(tok, r["messages"], r["response"], cfg.max_length) for r in batch]
+    folder = Folder(samples)
+    rows_iter = itertools.islice(iter_teacher_samples(folder, open_teacher_samples(folder), split), cfg.limit)
+    while batch := list(itertools.islice(rows_iter, cfg.batch_size)):
+        encoded = [encode(tok, r.messages, r.response, cfg.max_length) for r in batch]
         L = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((len(batch), L), tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
@@ -114,10 +89,10 @@ def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
         agree += float((logp.argmax(-1) == target[valid]).sum())
         tokens += float(valid.sum())
         rows += len(batch)
-        with_ref = [(r, ids[:start]) for r, (ids, start) in zip(batch, encoded) if r.get("reference")]
+        with_ref = [(r, ids[:start]) for r, (ids, start) in zip(batch, encoded) if r.reference]
         if with_ref:
             em_rows += len(with_ref)
-            em_hits += sum(_normalise(a) == _normalise(r["reference"]) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
+            em_hits += sum(_normalise(a) == _normalise(r.reference) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
     if not rows:
         raise InputError(f"{samples}: no samples in split {cfg.split!r}")
     report = {

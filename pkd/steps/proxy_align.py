@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pkd.align.data import AlignData, preference_pairs, read_teacher_samples, sft_rows, split_samples, teacher_fingerprint
+from pkd.align.data import AlignData, preference_pairs, sft_rows, split_samples
+from pkd.models import resolve_model
+from pkd.teacher_samples import read_teacher_samples, teacher_fingerprint
 from pkd.config import ProxyAlignConfig, Recipe
 from pkd.errors import ConfigError, InputError
 from pkd.fingerprint import files_fingerprint, sha256_file, tokenizer_fingerprint
@@ -50,18 +52,6 @@ class Summary:
     ran: list[str] = field(default_factory=list)  # stages run by this invocation
     warnings: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
-
-
-def resolve_model(spec: str) -> Path:
-    """A local model directory, or a hub id downloaded to the local HF cache."""
-    if Path(spec).is_dir():
-        return Path(spec)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
-        raise InputError(f"proxy model {spec!r} is neither a local directory nor downloadable from the hub ({type(e).__name__}: {e})") from None
 
 
 def load_chat_tokenizer(model_dir: Path) -> Any:
@@ -194,7 +184,7 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None)
     teacher = Folder(cfg.teacher or run.artifact_dir("teacher"))
     t_manifest, samples = read_teacher_samples(teacher)
     data = split_samples(samples, eval_samples=cfg.eval_samples, seed=seed, where=teacher.uri)
-    base_dir = resolve_model(cfg.model)
+    base_dir = resolve_model(cfg.model, "proxy model")
     tokenizer = load_chat_tokenizer(base_dir)
     summary = Summary(out=out_spec, report={})
     student = cfg.student or recipe.train_student.student

@@ -50,6 +50,8 @@ recipe_app = typer.Typer(cls=_Group, help="Show and check recipes (TOML configs,
 app.add_typer(cache_app, name="cache")
 app.add_typer(recipe_app, name="recipe")
 
+RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).")]
 CacheURI = Annotated[str, typer.Argument(help="Cache folder: a local path or an fsspec URI (s3://, hf://, memory://, ...).")]
 
 
@@ -60,128 +62,7 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
         raise typer.Exit()
 
 
-# pkd cache ---------------------------------------------------------------------------------------
-
-
-@cache_app.command("inspect")
-def cache_inspect(uri: CacheURI, as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
-    """Summarise a cache: rows, tokens, k, codec, bytes/token, fingerprints, μ/γ, ℓ histogram."""
-    from pkd.cache_ops import summarize
-    from pkd.store import Folder
-
-    s = summarize(Folder(uri))
-    m = s.manifest
-    counts, edges = s.seq_logprob_hist
-    if as_json:
-        out = m.model_dump(exclude={"files", "config"}) | {
-            "uri": s.uri,
-            "rows": m.rows,
-            "tokens": m.tokens,
-            "bytes": m.total_bytes,
-            "bytes_per_token": s.bytes_per_token,
-            "files": len(m.files),
-            "seq_logprob_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
-        }
-        console.print_json(json.dumps(out))
-        return
-    t = Table(title=f"logit cache {s.uri}", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
-    codec = m.codec
-    rows = [
-        ("complete", "yes" if m.complete else "[red]no (interrupted writer)[/]"),
-        ("rows / tokens", f"{m.rows:,} / {m.tokens:,}"),
-        ("files / bytes", f"{len(m.files)} / {m.total_bytes:,}"),
-        ("bytes per token", f"{s.bytes_per_token:.2f}"),
-        ("k / vocab", f"{codec.get('k')} / {m.vocab_size:,}"),
-        ("codec", f"{codec.get('name')} v{codec.get('version')} {json.dumps(codec.get('params', {}))}"),
-        ("format", f"v{m.format_version} (pkd {m.pkd_version}, {m.created_at})"),
-        ("teacher", m.teacher_model or "-"),
-        ("tokenizer fingerprint", m.tokenizer_fingerprint),
-        ("proxy fingerprint", m.proxy_fingerprint),
-        ("ℓ μ / γ", f"{m.seq_logprob.mu:.4f} / {m.seq_logprob.gamma:.4f}" if m.seq_logprob else "-"),
-    ]
-    for k, v in rows:
-        t.add_row(k, v)
-    console.print(t)
-    if len(counts):
-        console.print("[bold]ℓ = mean response logprob per sample[/]")
-        top = max(int(counts.max()), 1)
-        for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
-            console.print(f"  [{lo:8.3f}, {hi:8.3f})  {'█' * round(30 * c / top):<30} {c}")
-
-
-@cache_app.command("verify")
-def cache_verify(
-    uri: CacheURI,
-    decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Also decode every row (slower, checks the codec streams).")] = True,
-) -> None:
-    """Check sha256, schema, counts and decodability of every shard; exit 1 naming each bad file."""
-    from pkd.cache_ops import verify
-    from pkd.store import Folder
-
-    report = verify(Folder(uri), decode=decode)
-    if report.ok:
-        console.print(f"[green]ok[/] {report.uri}: {report.files_checked} files verified")
-        return
-    for p in report.problems:
-        err_console.print(f"[red]bad[/] {escape(p)}", highlight=False, soft_wrap=True)
-    err_console.print(f"[bold red]{len(report.problems)} problem(s)[/] in {report.uri}")
-    raise typer.Exit(1)
-
-
-@cache_app.command("merge")
-def cache_merge(
-    out: Annotated[str, typer.Argument(help="New, empty folder or URI for the merged cache.")],
-    parts: Annotated[list[str], typer.Argument(help="Caches to join (e.g. the outputs of `--part i/N` runs).")],
-) -> None:
-    """Join caches built in parts; refuses mismatched tokenizer/proxy, k, codec or overlapping samples."""
-    from pkd.cache_ops import merge
-    from pkd.store import Folder
-
-    m = merge([Folder(p) for p in parts], Folder(out))
-    console.print(f"[green]merged[/] {len(parts)} caches into {out}: {m.rows:,} rows, {m.tokens:,} tokens, ℓ μ={m.seq_logprob.mu:.4f} γ={m.seq_logprob.gamma:.4f}")
-
-
-def _copy(src: str, dst: str, verb: str) -> None:
-    from pkd.cache_ops import copy_cache
-    from pkd.store import Folder
-
-    m, n = copy_cache(Folder(src), Folder(dst))
-    console.print(f"[green]{verb}[/] {src} -> {dst}: {n} of {len(m.files)} files transferred and verified ({m.total_bytes:,} bytes in the cache)")
-
-
-@cache_app.command("push")
-def cache_push(src: CacheURI, dst: Annotated[str, typer.Argument(help="Destination folder or URI (e.g. s3://bucket/caches/run).")]) -> None:
-    """Upload a complete cache, checking each file's sha256 while it streams; manifest last."""
-    _copy(src, dst, "pushed")
-
-
-@cache_app.command("pull")
-def cache_pull(src: CacheURI, dst: Annotated[str, typer.Argument(help="Local destination folder.")]) -> None:
-    """Download a cache, verified before use: safe paths, sha256, schema, fingerprints."""
-    _copy(src, dst, "pulled")
-
-
-# pkd recipe --------------------------------------------------------------------------------------
-
-
-@recipe_app.command("show")
-def recipe_show(
-    path: Annotated[Path | None, typer.Argument(help="Recipe TOML (default: the embedded toy recipe).")] = None,
-    assign: Annotated[list[str] | None, typer.Option("--set", help="Override a value: SECTION.KEY=VALUE (repeatable).")] = None,
-) -> None:
-    """Validate a recipe and print it fully resolved (defaults < recipe < overrides)."""
-    from pkd.config import resolve_recipe
-
-    recipe = resolve_recipe(path, assign, "run", {})
-    console.print_json(recipe.model_dump_json())
-
-
 # pkd teacher-sample -----------------------------------------------------------------------------
-
-RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).")]
 
 
 @app.command("teacher-sample")
@@ -243,91 +124,6 @@ def teacher_sample(
     t.caption = f"{c.get('prompts_done', 0):,}/{s.plan.prompts:,} prompts done in this folder; {s.elapsed_s:.1f} s, {rate:.1f} samples/s"
     console.print(t)
 
-
-# pkd train-student ------------------------------------------------------------------------------
-
-
-@app.command("train-student")
-def train_student(
-    cache: Annotated[str | None, typer.Option(help="Logit cache folder or URI (default: <run.root>/<run.name>/logits).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student base model directory.")] = None,
-    recipe: RecipeOption = None,
-    out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/student).")] = None,
-    alpha: Annotated[float | None, typer.Option(help="KD strength α; 0 = plain SFT on the teacher's tokens.")] = None,
-    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket) or 'renorm'.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).")] = None,
-    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="w = 1 instead of σ((ℓ − μ)/γ).")] = None,
-    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per device per micro-batch.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the cache (sets max_steps unless given).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
-    data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.")] = None,
-    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).")] = None,
-    assign: SetOption = None,
-) -> None:
-    """Distil the logit cache into the student (Proxy-KD); resumes from the last checkpoint in --out."""
-    from pkd.config import resolve_recipe
-    from pkd.steps.train_student import train_student as run_train_student
-
-    flags = dict(
-        cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights,
-        lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
-        epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
-        dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed,
-    )  # fmt: skip
-    r = resolve_recipe(recipe, assign, "train_student", flags)
-    res = run_train_student(r.train_student, r.run)
-    if os.environ.get("RANK", "0") != "0":
-        return
-    final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
-    console.print(f"[green]{res.status}[/] {res.out}: {res.steps:,} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tokens/s; {final or '-'}")
-
-
-# pkd eval ---------------------------------------------------------------------------------------
-
-
-@app.command("eval")
-def evaluate(
-    model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
-    samples: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
-    recipe: RecipeOption = None,
-    base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
-    out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    assign: SetOption = None,
-) -> None:
-    """Score a model on held-out teacher samples: NLL per token, top-1 agreement, exact match."""
-    from pkd.config import resolve_recipe
-    from pkd.steps.evaluate import evaluate as run_evaluate
-
-    flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, out=out)
-    r = resolve_recipe(recipe, assign, "eval", flags)
-    report = run_evaluate(r.eval, r.run)
-    if as_json:
-        console.print_json(json.dumps(report))
-        return
-    t = Table(title=f"eval {report['model']} on {report['samples']} ({report['split']})", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column(justify="right")
-    for key, label in (("rows", "samples"), ("tokens", "response tokens"), ("nll_per_token", "NLL / token"), ("perplexity", "perplexity"), ("top1_agreement", "top-1 agreement"), ("exact_match", "exact match")):
-        value = report.get(key)
-        t.add_row(label, "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
-    if report.get("exact_match") is not None:
-        t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
-    console.print(t)
 
 # pkd proxy-align -------------------------------------------------------------------------------
 
@@ -450,6 +246,210 @@ def cache_logits(
         t.add_row(key, value)
     t.caption = f"k={m.codec['k']}, vocab {m.vocab_size:,}; {s.elapsed_s:.1f} s in all"
     console.print(t)
+
+
+# pkd train-student ------------------------------------------------------------------------------
+
+
+@app.command("train-student")
+def train_student(
+    cache: Annotated[str | None, typer.Option(help="Logit cache folder or URI (default: <run.root>/<run.name>/logits).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student base model directory.")] = None,
+    recipe: RecipeOption = None,
+    out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/student).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="KD strength α; 0 = plain SFT on the teacher's tokens.")] = None,
+    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket) or 'renorm'.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).")] = None,
+    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="w = 1 instead of σ((ℓ − μ)/γ).")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per device per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the cache (sets max_steps unless given).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
+    data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.")] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).")] = None,
+    assign: SetOption = None,
+) -> None:
+    """Distil the logit cache into the student (Proxy-KD); resumes from the last checkpoint in --out."""
+    from pkd.config import resolve_recipe
+    from pkd.steps.train_student import train_student as run_train_student
+
+    flags = dict(
+        cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights,
+        lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
+        epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
+        dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed,
+    )  # fmt: skip
+    r = resolve_recipe(recipe, assign, "train_student", flags)
+    res = run_train_student(r.train_student, r.run)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
+    console.print(f"[green]{res.status}[/] {res.out}: {res.steps:,} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tokens/s; {final or '-'}")
+
+
+# pkd eval ---------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
+    samples: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
+    recipe: RecipeOption = None,
+    base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
+    out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    assign: SetOption = None,
+) -> None:
+    """Score a model on held-out teacher samples: NLL per token, top-1 agreement, exact match."""
+    from pkd.config import resolve_recipe
+    from pkd.steps.evaluate import evaluate as run_evaluate
+
+    flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, out=out)
+    r = resolve_recipe(recipe, assign, "eval", flags)
+    report = run_evaluate(r.eval, r.run)
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    t = Table(title=f"eval {report['model']} on {report['samples']} ({report['split']})", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    for key, label in (("rows", "samples"), ("tokens", "response tokens"), ("nll_per_token", "NLL / token"), ("perplexity", "perplexity"), ("top1_agreement", "top-1 agreement"), ("exact_match", "exact match")):
+        value = report.get(key)
+        t.add_row(label, "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+    if report.get("exact_match") is not None:
+        t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
+    console.print(t)
+
+
+# pkd cache ---------------------------------------------------------------------------------------
+
+
+@cache_app.command("inspect")
+def cache_inspect(uri: CacheURI, as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
+    """Summarise a cache: rows, tokens, k, codec, bytes/token, fingerprints, μ/γ, ℓ histogram."""
+    from pkd.cache_ops import summarize
+    from pkd.store import Folder
+
+    s = summarize(Folder(uri))
+    m = s.manifest
+    counts, edges = s.seq_logprob_hist
+    if as_json:
+        out = m.model_dump(exclude={"files", "config"}) | {
+            "uri": s.uri,
+            "rows": m.rows,
+            "tokens": m.tokens,
+            "bytes": m.total_bytes,
+            "bytes_per_token": s.bytes_per_token,
+            "files": len(m.files),
+            "seq_logprob_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        }
+        console.print_json(json.dumps(out))
+        return
+    t = Table(title=f"logit cache {s.uri}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    codec = m.codec
+    rows = [
+        ("complete", "yes" if m.complete else "[red]no (interrupted writer)[/]"),
+        ("rows / tokens", f"{m.rows:,} / {m.tokens:,}"),
+        ("files / bytes", f"{len(m.files)} / {m.total_bytes:,}"),
+        ("bytes per token", f"{s.bytes_per_token:.2f}"),
+        ("k / vocab", f"{codec.get('k')} / {m.vocab_size:,}"),
+        ("codec", f"{codec.get('name')} v{codec.get('version')} {json.dumps(codec.get('params', {}))}"),
+        ("format", f"v{m.format_version} (pkd {m.pkd_version}, {m.created_at})"),
+        ("teacher", m.teacher_model or "-"),
+        ("tokenizer fingerprint", m.tokenizer_fingerprint),
+        ("proxy fingerprint", m.proxy_fingerprint),
+        ("ℓ μ / γ", f"{m.seq_logprob.mu:.4f} / {m.seq_logprob.gamma:.4f}" if m.seq_logprob else "-"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    if len(counts):
+        console.print("[bold]ℓ = mean response logprob per sample[/]")
+        top = max(int(counts.max()), 1)
+        for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
+            console.print(f"  [{lo:8.3f}, {hi:8.3f})  {'█' * round(30 * c / top):<30} {c}")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    uri: CacheURI,
+    decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Also decode every row (slower, checks the codec streams).")] = True,
+) -> None:
+    """Check sha256, schema, counts and decodability of every shard; exit 1 naming each bad file."""
+    from pkd.cache_ops import verify
+    from pkd.store import Folder
+
+    report = verify(Folder(uri), decode=decode)
+    if report.ok:
+        console.print(f"[green]ok[/] {report.uri}: {report.files_checked} files verified")
+        return
+    for p in report.problems:
+        err_console.print(f"[red]bad[/] {escape(p)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]{len(report.problems)} problem(s)[/] in {report.uri}")
+    raise typer.Exit(1)
+
+
+@cache_app.command("merge")
+def cache_merge(
+    out: Annotated[str, typer.Argument(help="New, empty folder or URI for the merged cache.")],
+    parts: Annotated[list[str], typer.Argument(help="Caches to join (e.g. the outputs of `--part i/N` runs).")],
+) -> None:
+    """Join caches built in parts; refuses mismatched tokenizer/proxy, k, codec or overlapping samples."""
+    from pkd.cache_ops import merge
+    from pkd.store import Folder
+
+    m = merge([Folder(p) for p in parts], Folder(out))
+    console.print(f"[green]merged[/] {len(parts)} caches into {out}: {m.rows:,} rows, {m.tokens:,} tokens, ℓ μ={m.seq_logprob.mu:.4f} γ={m.seq_logprob.gamma:.4f}")
+
+
+def _copy(src: str, dst: str, verb: str) -> None:
+    from pkd.cache_ops import copy_cache
+    from pkd.store import Folder
+
+    m, n = copy_cache(Folder(src), Folder(dst))
+    console.print(f"[green]{verb}[/] {src} -> {dst}: {n} of {len(m.files)} files transferred and verified ({m.total_bytes:,} bytes in the cache)")
+
+
+@cache_app.command("push")
+def cache_push(src: CacheURI, dst: Annotated[str, typer.Argument(help="Destination folder or URI (e.g. s3://bucket/caches/run).")]) -> None:
+    """Upload a complete cache, checking each file's sha256 while it streams; manifest last."""
+    _copy(src, dst, "pushed")
+
+
+@cache_app.command("pull")
+def cache_pull(src: CacheURI, dst: Annotated[str, typer.Argument(help="Local destination folder.")]) -> None:
+    """Download a cache, verified before use: safe paths, sha256, schema, fingerprints."""
+    _copy(src, dst, "pulled")
+
+
+# pkd recipe --------------------------------------------------------------------------------------
+
+
+@recipe_app.command("show")
+def recipe_show(
+    path: Annotated[Path | None, typer.Argument(help="Recipe TOML (default: the embedded toy recipe).")] = None,
+    assign: Annotated[list[str] | None, typer.Option("--set", help="Override a value: SECTION.KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Validate a recipe and print it fully resolved (defaults < recipe < overrides)."""
+    from pkd.config import resolve_recipe
+
+    recipe = resolve_recipe(path, assign, "run", {})
+    console.print_json(recipe.model_dump_json())
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pkd.config import RunConfig, TrainStudentConfig
-from pkd.errors import ConfigError, InputError, ManifestError
+from pkd.errors import ConfigError, ManifestError
 from pkd.fingerprint import files_fingerprint, sha256_file
+from pkd.models import resolve_model
 from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
 from pkd.store import Folder
 
@@ -55,9 +56,7 @@ def _open_cache(uri: str) -> tuple[Folder, LogitCacheManifest]:
 def _resolve(cfg: TrainStudentConfig, run: RunConfig) -> tuple[str, Path, Path]:
     if not cfg.student:
         raise ConfigError("[train_student] student: no student model given (--student DIR)")
-    student = Path(cfg.student)
-    if not (student / "config.json").is_file():
-        raise InputError(f"{student}: not a model directory (no config.json)")
+    student = resolve_model(cfg.student, "student model")
     out = Path(cfg.out or run.artifact_dir("student"))
     if "://" in str(out):
         raise ConfigError(f"[train_student] out = {out}: must be a local folder (Trainer writes checkpoints there); push the result afterwards")

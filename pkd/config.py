@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pkd.align.lora import check_rank, check_targets
+from pkd.lora import check_rank, check_targets
 from pkd.errors import ConfigError
 from pkd.splits import DEFAULT_RATIOS, check_ratios
 from pydantic import field_validator

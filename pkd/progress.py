@@ -1,8 +1,8 @@
 """The only place that draws progress bars (rich). Steps report counts; this module renders them.
 
-A step calls `update()` as work completes; the bar shows done/total, rate and ETA, plus
-requests/s, tokens/s and failures for request-driven steps. Drawn on stderr so stdout stays
-clean for summaries and JSON; with `enabled=False` (library use, tests) it draws nothing.
+A step calls `update()` as work completes; the bar shows done/total, rate and ETA, tokens/s, and
+for request-driven steps requests/s and failures. Drawn on stderr so stdout stays clean for
+summaries and JSON; with `enabled=False` (library use, tests) it draws nothing.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import time
 from types import TracebackType
 
 
-class RequestProgress:
-    """Progress of a step that sends requests: units of work (prompts) plus request counters."""
+class StepProgress:
+    """Units of work done/total (prompts, samples) with their rate and ETA, tokens/s, and, with
+    `requests=True`, requests/s and failures."""
 
-    def __init__(self, total: int, *, done: int = 0, description: str = "working", unit: str = "prompts", enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(
+        self, total: int, *, done: int = 0, description: str = "working", unit: str = "samples", requests: bool = False, enabled: bool = True
+    ) -> None:
         self._requests = self._tokens = self._failures = 0
         self._start = time.monotonic()
         self._bar = None
@@ -24,6 +26,9 @@ class RequestProgress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        counters = "{task.fields[tps]:,.0f} tok/s"
+        if requests:
+            counters = "{task.fields[rps]:.1f} req/s " + counters + " [red]{task.fields[failures]} failed"
         self._bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -32,13 +37,13 @@ class RequestProgress:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[rps]:.1f} req/s {task.fields[tps]:,.0f} tok/s [red]{task.fields[failures]} failed"),
+            TextColumn(counters),
             console=Console(stderr=True),
             refresh_per_second=4,
         )
         self._task = self._bar.add_task(description, total=total, completed=done, rate="-", rps=0.0, tps=0.0, failures=0)
 
-    def __enter__(self) -> RequestProgress:
+    def __enter__(self) -> StepProgress:
         if self._bar is not None:
             self._bar.start()
         return self
@@ -47,8 +52,8 @@ class RequestProgress:
         if self._bar is not None:
             self._bar.stop()
 
-    def update(self, *, done: int = 0, requests: int = 0, tokens: int = 0, failures: int = 0) -> None:
-        """Add `done` finished units and the requests/tokens/failures that went into them."""
+    def update(self, *, done: int = 0, tokens: int = 0, requests: int = 0, failures: int = 0) -> None:
+        """Add `done` finished units and the tokens/requests/failures that went into them."""
         self._requests += requests
         self._tokens += tokens
         self._failures += failures
@@ -64,46 +69,3 @@ class RequestProgress:
             tps=self._tokens / elapsed,
             failures=self._failures,
         )
-
-
-class TokenProgress:
-    """Progress of a step that pushes tokens through a model (cache-logits): units done/total,
-    their rate, ETA, and tokens/s over this session."""
-
-    def __init__(self, total: int, *, done: int = 0, description: str = "working", unit: str = "samples", enabled: bool = True) -> None:
-        self._tokens = 0
-        self._start = time.monotonic()
-        self._bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(unit),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
-            console=Console(stderr=True),
-            refresh_per_second=4,
-        )
-        self._task = self._bar.add_task(description, total=total, completed=done, tps=0.0)
-
-    def __enter__(self) -> TokenProgress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def update(self, *, done: int = 0, tokens: int = 0) -> None:
-        """Add `done` finished units and the tokens that went through the model for them."""
-        self._tokens += tokens
-        if self._bar is not None:
-            self._bar.update(self._task, advance=done, tps=self._tokens / max(time.monotonic() - self._start, 1e-9))

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from pkd.align.data import preference_pairs, split_samples
 from pkd.teacher_samples import TeacherSample, read_teacher_samples
-from pkd.align.lora import vllm_problems
+from pkd.lora import vllm_problems
 from pkd.cli import app
 from pkd.config import Recipe, override
 from pkd.engines import load_engine

@@ -28,6 +28,7 @@ import numpy as np
 
 from pkd.engines import ScoreResult, check_score_args, checkpoint_dtype, empty_result, windows
 from pkd.errors import EngineError
+from pkd.lora import vllm_problems
 from pkd.serve import CPU_ENV_DEFAULTS
 
 if TYPE_CHECKING:
@@ -278,22 +279,13 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[int, set[str]]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EngineError(f"cannot read LoRA adapter config {path}: {e}") from e
-    unsupported = []
-    if config.get("modules_to_save"):
-        unsupported.append(f"modules_to_save={config['modules_to_save']} (fully trained embed/lm_head)")
-    if config.get("use_dora"):
-        unsupported.append("DoRA (use_dora)")
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        unsupported.append("bias terms (bias / lora_bias)")
-    targets = config.get("target_modules") or []
-    targets = set() if isinstance(targets, str) else set(targets)
-    if "lm_head" in targets:
-        unsupported.append("an lm_head LoRA (vLLM leaves it out of prompt logprobs, vllm#51594)")
-    if unsupported:
+    if unsupported := vllm_problems(config):
         raise EngineError(
             f"vLLM cannot serve the adapter in {adapter_dir}: {'; '.join(unsupported)}. "
             "Train a plain LoRA (no modules_to_save, DoRA or biases), or use --engine hf"
         )
+    targets = config.get("target_modules") or []
+    targets = set() if isinstance(targets, str) else set(targets)
     rank = max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
     return rank, targets
 

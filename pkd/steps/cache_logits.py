@@ -36,7 +36,7 @@ from pkd.engines import check_score_args
 from pkd.errors import CompatibilityError, ConfigError, InputError
 from pkd.fingerprint import files_fingerprint, sha256_text, tokenizer_fingerprint
 from pkd.logit_cache import SHARD_DIR, LogitCacheWriter, LogitSample
-from pkd.progress import TokenProgress
+from pkd.progress import StepProgress
 from pkd.records import LogitCacheManifest, Manifest
 from pkd.store import TMP_MARK, Folder
 from pkd.tokenize_chat import encode_chat
@@ -302,7 +302,7 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
                 gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
                 batch_tokens=cfg.batch_tokens,
             ) as engine,
-            TokenProgress(len(todo) + len(done), done=len(done), description="cache-logits", enabled=progress) as bar,
+            StepProgress(len(todo) + len(done), done=len(done), description="cache-logits", enabled=progress) as bar,
         ):  # fmt: skip
             summary.engine = engine.kind
             for chunk in _chunks(todo, cfg.shard_rows):  # one shard each: see the module docstring

@@ -236,7 +236,7 @@ class _Context:
         return [(c.ids[: self.cfg.max_length], c.response_start) for c in chats]
 
     def warmup(self) -> None:
-        from pkd.align.lora import vllm_problems
+        from pkd.lora import vllm_problems
         from pkd.align.metrics import response_metrics
         from pkd.align.train import free_memory, load_policy, save_proxy, warmup_sft
 

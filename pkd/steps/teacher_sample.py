@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from pkd.config import RunConfig, TeacherSampleConfig
 from pkd.errors import ConfigError, EndpointError, FailureBudgetError, InputError, PkdError
-from pkd.progress import RequestProgress
+from pkd.progress import StepProgress
 from pkd.prompts import Prompt, load_prompts, prompts_fingerprint
 from pkd.records import FileEntry, Manifest
 from pkd.splits import split_of
@@ -386,7 +386,7 @@ def plan_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig) -> Plan:
     return _prepare(cfg, run, clean=False)[0]
 
 
-async def _sample_all(todo: list[Prompt], cfg: TeacherSampleConfig, writer: Writer, bar: RequestProgress) -> None:
+async def _sample_all(todo: list[Prompt], cfg: TeacherSampleConfig, writer: Writer, bar: StepProgress) -> None:
     teacher = Teacher(cfg, os.environ.get(cfg.api_key_env) or None)
     queue = iter(todo)  # shared by the workers: each prompt is taken exactly once
 
@@ -425,7 +425,7 @@ def run_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig, *, progress: bo
     writer = Writer(folder, manifest, failures, cfg.shard_size)
     if not todo and manifest.complete:
         return Summary(plan, dict(writer.manifest.counts), {}, time.monotonic() - start)
-    with RequestProgress(plan.prompts, done=plan.done, description="teacher-sample", enabled=progress) as bar:
+    with StepProgress(plan.prompts, done=plan.done, description="teacher-sample", unit="prompts", requests=True, enabled=progress) as bar:
         try:
             if todo:
                 asyncio.run(_sample_all(todo, cfg, writer, bar))

@@ -1,5 +1,6 @@
-"""What a LoRA adapter must look like for vLLM to serve it (cache-logits loads the aligned proxy
-with a `LoRARequest`), checked before any training so that no GPU hour makes an unusable adapter.
+"""What a LoRA adapter must look like for vLLM to serve it (proxy-align samples and cache-logits
+scores the aligned proxy with a `LoRARequest`): checked by the recipe before any training, so
+that no GPU hour makes an unusable adapter, and by the vLLM engine before it loads one.
 
 vLLM (0.32, `vllm/lora/peft_helper.py`) rejects `modules_to_save` (a trained embedding or
 lm_head), DoRA, LoRA biases and weight-modifying inits, and its `max_lora_rank` takes only the
@@ -58,5 +59,5 @@ def vllm_problems(adapter_config: dict[str, Any]) -> list[str]:
     targets = c.get("target_modules") or []
     bad = sorted(t for t in ([targets] if isinstance(targets, str) else targets) if t in UNSERVABLE_TARGETS)
     if bad:
-        problems.append(f"LoRA on {', '.join(bad)}")
+        problems.append(f"LoRA on {', '.join(bad)} (vLLM leaves an lm_head LoRA out of prompt logprobs, vllm#51594)")
     return problems

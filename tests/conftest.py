@@ -9,6 +9,7 @@ import pytest
 
 from pkd.serve import VllmServer, vllm_server
 from pkd.tiny import TinyFamily, build_family
+from pkd.toy.world import ToyWorld, build_world
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +40,10 @@ def scored_cache(tiny_family: TinyFamily, tmp_path_factory: pytest.TempPathFacto
     uri = str(tmp_path_factory.mktemp("scored-cache"))
     score_cache(tiny_family, uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def toy_world_quick(tmp_path_factory: pytest.TempPathFactory) -> ToyWorld:
+    """The demo's toy world in quick mode (trained teacher, misaligned proxy, weak student);
+    ~80 s to build on one core, so only `slow` tests should ask for it."""
+    return build_world(tmp_path_factory.mktemp("toy-world"), quick=True)

@@ -166,31 +166,48 @@ def test_file_uri(cache: str, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """A real S3-compatible server (moto's server mode) on 127.0.0.1, reached through s3fs."""
-    from moto.server import ThreadedMotoServer
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, reached through s3fs. It runs
+    in its own process: importing flask here would break in-process vLLM in later tests (vLLM's
+    kernel rebinding probes every module attribute, and flask's context proxies raise)."""
+    import subprocess
+    import sys
+    import time
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    import httpx
+
+    from pkd.serve import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(endpoint, timeout=2)
+            break
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import boto3
+    import s3fs
 
-    boto3.client("s3").create_bucket(Bucket="pkd-test")
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("pkd-test")
     yield
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
+    proc.terminate()
+    proc.wait(10)
 
 
 def test_push_pull_s3(s3_server, cache: str, tmp_path) -> None:
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
     r = pkd("cache", "push", cache, "s3://pkd-test/caches/run1")
     assert r.exit_code == 0, r.output + r.stderr
     assert pkd("cache", "verify", "s3://pkd-test/caches/run1").exit_code == 0

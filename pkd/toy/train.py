@@ -1,7 +1,8 @@
 """Plain torch SFT, greedy decoding and teacher-forced agreement for the toy world's tiny models.
 
-A hand-written loop rather than a Trainer: for ~40-token samples and sub-million-parameter models
-on 2 CPU cores, Trainer's per-step overhead is a large share of the step. Batches are right-padded
+A hand-written loop rather than a Trainer: measured on the teacher (batch 64, one thread) it took
+0.21-0.23 s a step against Trainer's 0.23-0.25, and it needs no dataset or collator classes, no
+output dir and no start-up. Batches are right-padded
 without an attention mask: causal attention means no real token ever sees a pad on its right, and
 pads carry no loss, so the result equals unpadded training at a fraction of the bookkeeping.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,17 +41,11 @@ def chat_examples(
     covers the assistant turn and its end-of-turn token only, as in SFT on teacher responses."""
     out = []
     for chat in chats:
-        prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(chat)
-        prompt, full = _ids(prompt), _ids(full)
+        prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(chat, return_dict=True)["input_ids"]
         assert full[: len(prompt)] == prompt, "chat template must extend the generation prompt"
-        out.append(Example(full, len(prompt) if response_only else 0))
+        out.append(Example(list(full), len(prompt) if response_only else 0))
     return out
-
-
-def _ids(encoded: object) -> list[int]:
-    """apply_chat_template returns a list, or a BatchEncoding when return_dict defaults on."""
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)  # type: ignore[index]
 
 
 def _batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,15 +69,12 @@ def train_sft(
     seed: int = 0,
     warmup: int = 20,
     weight_decay: float = 0.01,
-) -> dict[str, float]:
+) -> float:
     """AdamW with linear warm-up then cosine decay to 10% of `lr`, over shuffled epochs of
-    `examples`. Trains `model` in place; returns the final loss (mean of the last 20 steps) and
-    the wall time, so a report can show what training cost."""
+    `examples`. Trains `model` in place; returns the final loss (mean of the last 20 steps)."""
     rng = random.Random(seed)
     order: list[int] = []
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -92,27 +83,25 @@ def train_sft(
         return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
     model.train()
-    start, losses = time.monotonic(), []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # dropout-free models, but keep any randomness reproducible
-        for step in range(steps):
-            if len(order) < batch_size:
-                fresh = list(range(len(examples)))
-                rng.shuffle(fresh)
-                order += fresh
-            chosen, order = order[:batch_size], order[batch_size:]
-            ids, labels = _batch([examples[i] for i in chosen], pad_id)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
+    losses = []
+    for step in range(steps):
+        if len(order) < batch_size:  # a fresh shuffled epoch, appended so batches stay full
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        chosen, order = order[:batch_size], order[batch_size:]
+        ids, labels = _batch([examples[i] for i in chosen], pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
     model.eval()
     tail = losses[-20:]
-    return {"final_loss": sum(tail) / max(1, len(tail)), "train_s": time.monotonic() - start}
+    return sum(tail) / max(1, len(tail))
 
 
 @torch.no_grad()

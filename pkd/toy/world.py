@@ -229,7 +229,7 @@ def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str,
 
     def fit(model: PreTrainedModel, r: ModelRecipe, examples: list[Example], **kw: Any) -> float:
         kw = {"steps": r.steps, "lr": r.lr, "seed": spec.seed, **kw}
-        return train_sft(model, examples, batch_size=r.batch_size, pad_id=tokenizer.pad_token_id, **kw)["final_loss"]
+        return train_sft(model, examples, batch_size=r.batch_size, pad_id=tokenizer.pad_token_id, **kw)
 
     def accuracy(model: PreTrainedModel, questions: list[str], refs: list[str]) -> tuple[float, list[str]]:
         responses = greedy_responses(model, tokenizer, questions)

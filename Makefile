@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast bench clean-venv
+.PHONY: setup demo demo-quick test test-fast bench clean-venv
 
 setup: $(STAMP)
 
@@ -23,6 +23,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import vllm, trl, peft, pkd; from transformers import LlamaConfig"
 	touch $(STAMP)
+
+# The whole pipeline on the embedded toy world and the Proxy-KD comparison (3 seeds); the world
+# is built once under cache/demo/full/world, results land in cache/demo/full/results.{json,png}.
+demo: setup
+	$(PY) -m pkd.cli demo
+
+# The same on a smaller world with one seed (~3 minutes): a smoke test.
+demo-quick: setup
+	$(PY) -m pkd.cli demo --quick
 
 # The whole suite, real-model (`slow`) tests included.
 test: setup

@@ -309,6 +309,7 @@ def evaluate(
     batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
+    answer_pattern: Annotated[str | None, typer.Option(help="Regex for the stated answer exact match compares (group 1 if any; the last match wins).")] = None,
     out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     assign: SetOption = None,
@@ -317,7 +318,7 @@ def evaluate(
     from pkd.config import resolve_recipe
     from pkd.steps.evaluate import evaluate as run_evaluate
 
-    flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, out=out)
+    flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out)
     r = resolve_recipe(recipe, assign, "eval", flags)
     report = run_evaluate(r.eval, r.run)
     if as_json:
@@ -332,6 +333,31 @@ def evaluate(
     if report.get("exact_match") is not None:
         t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
     console.print(t)
+
+
+# pkd demo ----------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller world and one seed: a ~3-minute smoke test.")] = False,
+    root: Annotated[Path | None, typer.Option(help="Where the world, the run and the results live (default: cache/demo/full or cache/demo/quick).")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Student training seeds (repeatable; default 0 1 2, quick: 0).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Keep the last run's artifacts: every step resumes or skips what it finished.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """The whole pipeline on the embedded toy world, then Proxy-KD against black-box KD."""
+    from pkd.toy.demo import run_demo
+    from pkd.toy.results import results_table
+
+    results = run_demo(root, quick=quick, seeds=seeds, resume=resume, say=lambda line: console.print(escape(line)))
+    if as_json:
+        console.print_json(json.dumps(results))
+        return
+    console.print()
+    console.print(results_table(results))
+    files = results["files"]
+    console.print(f"results: {files['results']}, chart: {files['chart']} (demo took {results['timings_s']['total']:.0f} s)")
 
 
 # pkd cache ---------------------------------------------------------------------------------------
@@ -454,3 +480,7 @@ def recipe_show(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,16 +7,16 @@ types are errors that name the file, the table and the key. Steps add their sect
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pkd.lora import check_rank, check_targets
 from pkd.errors import ConfigError
+from pkd.lora import check_rank, check_targets
 from pkd.splits import DEFAULT_RATIOS, check_ratios
-from pydantic import field_validator
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "toy.toml"
@@ -125,7 +125,20 @@ class EvalConfig(Section):
     batch_size: int = Field(default=8, ge=1)
     max_length: int = Field(default=1024, ge=2)
     max_new_tokens: int = Field(default=64, ge=1)  # greedy answers for exact match
+    # Exact match compares what this regex captures (group 1 if it has one, else the whole
+    # match; the last match wins) instead of the whole answer, e.g. "#### (\\S+)" for GSM8K.
+    answer_pattern: str | None = None
     out: str | None = None  # report JSON path (default: print only)
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+        return v
 
 
 class ProxyAlignConfig(Section):

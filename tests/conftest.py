@@ -45,5 +45,6 @@ def scored_cache(tiny_family: TinyFamily, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def toy_world_quick(tmp_path_factory: pytest.TempPathFactory) -> ToyWorld:
     """The demo's toy world in quick mode (trained teacher, misaligned proxy, weak student);
-    ~80 s to build on one core, so only `slow` tests should ask for it."""
-    return build_world(tmp_path_factory.mktemp("toy-world"), quick=True)
+    ~80 s to build on one core, so only `slow` tests should ask for it. It sits where `pkd demo
+    --quick --root DIR` looks for its world (DIR/world), so the demo test reuses it."""
+    return build_world(tmp_path_factory.mktemp("demo-quick") / "world", quick=True)

@@ -11,8 +11,14 @@ def test_every_shipped_recipe_loads(path: Path) -> None:
     load_recipe(path)
 
 
-def test_default_is_toy() -> None:
-    assert load_recipe().run.name == "toy"
+def test_default_is_the_demo_recipe() -> None:
+    run = load_recipe().run
+    assert (run.root, run.name) == ("cache/demo/full", "run")
+
+
+def test_a_bad_answer_pattern_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"\[eval\] 'answer_pattern'.*not a regular expression"):
+        override(load_recipe(), "eval", {"answer_pattern": "Answer: (\\d+"})
 
 
 def test_unknown_key_names_file_table_and_key(tmp_path: Path) -> None:
@@ -47,7 +53,7 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_flags_override_recipe_and_none_means_not_given() -> None:
     recipe = override(load_recipe(), "run", {"seed": 7, "name": None})
-    assert recipe.run.seed == 7 and recipe.run.name == "toy"
+    assert recipe.run.seed == 7 and recipe.run.name == "run"
     with pytest.raises(ConfigError, match=r"command line: \[run\] 'seed'"):
         override(recipe, "run", {"seed": "x"})
 

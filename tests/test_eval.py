@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,7 +16,7 @@ from pkd.cli import app
 from pkd.config import EvalConfig, RunConfig, TrainStudentConfig
 from pkd.records import FileEntry, Manifest
 from pkd.splits import split_of
-from pkd.steps.evaluate import encode, evaluate
+from pkd.steps.evaluate import encode, evaluate, matches, stated_answer
 from pkd.steps.teacher_sample import sample_schema
 from pkd.steps.train_student import train_student
 from pkd.store import Folder
@@ -94,3 +95,15 @@ def test_cli_prints_json_and_writes_the_report(tiny_family, teacher_samples, tmp
     assert table.exit_code == 0 and "top-1 agreement" in table.output
     bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path), "--samples", teacher_samples])
     assert bad.exit_code == 2 and "neither a model" in bad.output
+
+
+def test_answer_pattern_picks_the_last_stated_answer():
+    pattern = re.compile(r"Answer:\s*(-?\d+)")
+    assert stated_answer("2 + 2 = 4. Answer: 4", pattern) == "4"
+    assert stated_answer("Answer: 3. No wait. Answer: 5", pattern) == "5"
+    assert stated_answer("no answer here", pattern) is None
+    assert stated_answer("  Whole  Text ", None) == "  Whole  Text "
+    assert stated_answer("x = 7", re.compile(r"\d+")) == "7"  # no group: the whole match
+    assert matches("so. Answer: 12", "12", pattern) and not matches("Answer: 12", "1", pattern)
+    assert not matches("twelve", "twelve", pattern)  # a pattern that finds nothing never matches
+    assert matches(" The  Answer ", "the answer", None)

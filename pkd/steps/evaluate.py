@@ -5,15 +5,16 @@ or merged model directory, or a LoRA adapter (its base from `--base` or the adap
 Per sample, the teacher response is scored teacher-forced after the chat-templated prompt:
 - NLL per token of the response (and its perplexity);
 - top-1 agreement: how often the model's argmax equals the teacher's next token;
-- exact match: for prompts carrying a `reference`, the greedy answer equals it after
-  whitespace/case normalisation.
+- exact match: for prompts carrying a `reference`, the greedy answer (or, with
+  `answer_pattern`, the answer it states) equals it after whitespace/case normalisation.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pkd.errors import ConfigError, InputError
 from pkd.store import Folder
 from pkd.teacher_samples import iter_teacher_samples, open_teacher_samples
 from pkd.tokenize_chat import encode_chat
+
 
 def load_model(path: str, base: str | None):
     """(model, tokenizer) for a model directory or a LoRA adapter directory."""
@@ -57,12 +59,30 @@ def _normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def stated_answer(text: str, pattern: re.Pattern[str] | None) -> str | None:
+    """The part of a response exact match compares: all of it, or the last `pattern` match
+    (its first group when it has one); None when the pattern finds nothing."""
+    if pattern is None:
+        return text
+    found = list(pattern.finditer(text))
+    if not found:
+        return None
+    m = found[-1]
+    return m.group(1) if pattern.groups else m.group(0)
+
+
+def matches(answer: str, reference: str, pattern: re.Pattern[str] | None) -> bool:
+    stated = stated_answer(answer, pattern)
+    return stated is not None and _normalise(stated) == _normalise(reference)
+
+
 def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
     import torch
 
     if not cfg.model:
         raise ConfigError("[eval] model: no model given (--model DIR)")
     samples = cfg.samples or run.artifact_dir("teacher")
+    pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
     split = None if cfg.split in (None, "all") else cfg.split
     model, tok = load_model(cfg.model, cfg.base)
     device = next(model.parameters()).device
@@ -92,7 +112,7 @@ def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
         with_ref = [(r, ids[:start]) for r, (ids, start) in zip(batch, encoded) if r.reference]
         if with_ref:
             em_rows += len(with_ref)
-            em_hits += sum(_normalise(a) == _normalise(r.reference) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
+            em_hits += sum(matches(a, r.reference, pattern) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
     if not rows:
         raise InputError(f"{samples}: no samples in split {cfg.split!r}")
     report = {
@@ -106,6 +126,7 @@ def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
         "top1_agreement": agree / max(tokens, 1),
         "exact_match": em_hits / em_rows if em_rows else None,
         "exact_match_rows": em_rows,
+        "answer_pattern": cfg.answer_pattern,
     }
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

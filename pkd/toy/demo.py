@@ -1,0 +1,292 @@
+"""`pkd demo`: the whole Proxy-KD pipeline on the toy world, and the paper's comparison.
+
+The demo builds (once, cached) the toy world of `pkd.toy.world`, serves its teacher as a black
+box with a real vLLM OpenAI-compatible server on 127.0.0.1, and runs the four pipeline commands
+as a user would — each one a `pkd ...` child process, printed before it runs:
+
+    pkd teacher-sample   train prompts -> run/teacher, held-out prompts -> run/teacher-heldout
+    pkd proxy-align      world proxy + run/teacher -> run/proxy
+    pkd cache-logits     aligned proxy -> run/logits; the same proxy without its adapter ->
+                         run/logits-unaligned (the ablation)
+    pkd train-student    one student per variant and seed -> run/students/VARIANT-seedS
+
+then scores every student (and the proxy before and after alignment) on the held-out teacher
+samples with `pkd.steps.evaluate` and writes `results.json` and `results.png` beside `run/`.
+Seeds vary the student's training (its data order, and a LoRA adapter's initialisation when
+the recipe trains one); the teacher samples, the alignment and the caches are shared by all
+seeds.
+
+Later runs reuse the world and rerun the pipeline from scratch; `resume=True` keeps `run/` and
+lets every step resume or skip what it already finished (each step's own resumability).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pkd.errors import PkdError
+from pkd.toy.tasks import ANSWER_RE
+from pkd.toy.world import ToyWorld, build_world
+
+DEFAULT_ROOT = Path("cache") / "demo"
+FULL_SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0,)
+
+
+class DemoError(PkdError):
+    """A pipeline step of the demo failed; its own error is printed above or in the log named."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the comparison: the student trained on `cache` ("aligned" or "unaligned"
+    proxy; None: not trained at all) with extra `pkd train-student` flags."""
+
+    key: str
+    label: str
+    cache: str | None
+    flags: tuple[str, ...] = ()
+
+
+VARIANTS = (
+    Variant("student_base", "student base (no distillation)", None),
+    Variant("blackbox_kd", "black-box KD (α = 0)", "aligned", ("--alpha", "0")),
+    Variant("unaligned_proxy", "Proxy-KD, unaligned proxy", "unaligned"),
+    Variant("no_weights", "Proxy-KD, no sample weights", "aligned", ("--uniform-weights",)),
+    Variant("proxy_kd", "Proxy-KD (full)", "aligned"),
+)
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where one demo (full or quick) keeps its world, its pipeline artifacts and results."""
+
+    root: Path
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    def artifact(self, name: str) -> Path:
+        return self.run / name
+
+    def student(self, variant: str, seed: int) -> Path:
+        return self.run / "students" / f"{variant}-seed{seed}"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def chart(self) -> Path:
+        return self.root / "results.png"
+
+
+def run_demo(
+    root: str | Path | None = None,
+    *,
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    resume: bool = False,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build or find the world, run the pipeline, evaluate, write and return the results."""
+    paths = DemoPaths(Path(root) if root else DEFAULT_ROOT / ("quick" if quick else "full"))
+    seeds = tuple(seeds) if seeds else (QUICK_SEEDS if quick else FULL_SEEDS)
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+
+    with _timer(timings, "world"):  # 2 threads: more only spin on models this small
+        world = build_world(paths.world, quick=quick, threads=min(2, os.cpu_count() or 1), log=say)
+    say(f"toy world at {paths.world}: teacher held-out accuracy {world.report['teacher_heldout_accuracy']:.1%}")
+    if not resume:
+        shutil.rmtree(paths.run, ignore_errors=True)
+    paths.run.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(paths, world, quick, say)
+
+    with _timer(timings, "teacher_sample"):
+        steps.teacher_sample()
+    with _timer(timings, "proxy_align"):
+        steps.proxy_align()
+    with _timer(timings, "cache_logits"):
+        steps.cache_logits()
+    with _timer(timings, "train_student"):
+        steps.train_students([(v, seed) for seed in seeds for v in VARIANTS if v.cache])
+    with _timer(timings, "eval"):
+        scores = _evaluate_all(paths, world, seeds, say)
+    timings["total"] = round(time.monotonic() - start, 1)
+
+    from pkd.toy.results import summarize, write_chart
+
+    results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands)
+    results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
+    tmp = paths.results.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(paths.results)
+    write_chart(results, paths.chart)
+    return results
+
+
+@contextlib.contextmanager
+def _timer(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Wall seconds of one demo phase into `timings[name]`."""
+    start = time.monotonic()
+    yield
+    timings[name] = round(time.monotonic() - start, 1)
+
+
+class _Steps:
+    """The four pipeline commands, run as `pkd` child processes on the demo's paths. Settings
+    come from the embedded toy recipe (recipes/toy.toml); the demo adds only paths, the
+    ablation flags, and in quick mode the `_quick` flags."""
+
+    def __init__(self, paths: DemoPaths, world: ToyWorld, quick: bool, say: Callable[[str], None]) -> None:
+        self.paths, self.world, self.quick, self.say = paths, world, quick, say
+        self.commands: list[str] = []
+
+    def pkd(self, *args: str | Path) -> None:
+        """Run one command with the terminal attached (its progress bars show)."""
+        argv, shown = self._show(args)
+        done = subprocess.run(argv, check=False)
+        if done.returncode != 0:
+            raise DemoError(f"demo step failed (exit {done.returncode}): {shown}")
+
+    def pkd_concurrently(self, commands: list[tuple[str, list[str | Path]]]) -> None:
+        """Run commands side by side, one CPU thread each, output to `logs/NAME.log`, and print
+        each one's summary line as it finishes. The toy students are too small to use a second
+        thread well (~1.5x per step on 2 cores), and each command spends ~10 s importing
+        torch/transformers on one core, so two at a time on 2 cores finish ~1.5x sooner."""
+        slots = max(1, min(len(commands), os.cpu_count() or 1))
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // slots)), "COLUMNS": "200"}
+        logs = self.paths.run / "logs"
+        logs.mkdir(exist_ok=True)
+
+        def run(name: str, args: list[str | Path]) -> None:
+            argv, shown = self._show(args)
+            log = logs / f"{name}.log"
+            with open(log, "w") as f:
+                code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+            if code != 0:
+                raise DemoError(f"demo step failed (exit {code}; its log: {log}): {shown}")
+            lines = log.read_text(errors="replace").strip().splitlines()
+            self.say(f"  {lines[-1] if lines else 'done'}")
+
+        with ThreadPoolExecutor(slots) as pool:
+            futures = [pool.submit(run, name, args) for name, args in commands]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # the ones not started; running ones finish on their own
+                raise
+
+    def _show(self, args: tuple[str | Path, ...] | list[str | Path]) -> tuple[list[str], str]:
+        """The child's argv, and the command as a user would type it (printed and recorded)."""
+        argv = [str(a) for a in args]
+        shown = "pkd " + shlex.join(argv)
+        self.commands.append(shown)
+        self.say(f"\n$ {shown}")
+        return [sys.executable, "-m", "pkd.cli", *argv], shown
+
+    def teacher_sample(self) -> None:
+        from pkd.serve import vllm_server
+
+        log = self.paths.run / "teacher-server.log"
+        self.say(f"\nstarting the teacher: a vLLM OpenAI-compatible server on 127.0.0.1 (log: {log})")
+        with vllm_server(self.world.teacher, served_model_name="teacher", dtype="float32", log_path=log) as server:
+            for prompts, out in ((self.world.prompts_train, "teacher"), (self.world.prompts_heldout, "teacher-heldout")):
+                self.pkd(
+                    "teacher-sample", "--prompts", prompts, "--out", self.paths.artifact(out),
+                    "--base-url", server.base_url, "--model", "teacher",
+                )  # fmt: skip
+        self.say("teacher server stopped")
+
+    def proxy_align(self) -> None:
+        self.pkd(
+            "proxy-align", "--model", self.world.proxy, "--student", self.world.student,
+            "--teacher", self.paths.artifact("teacher"), "--out", self.paths.artifact("proxy"),
+            *self._quick("--rounds", "2"),
+        )  # fmt: skip
+
+    def cache_logits(self) -> None:
+        common = (
+            "--proxy", self.paths.artifact("proxy"), "--teacher", self.paths.artifact("teacher"),
+            "--student", self.world.student, *self._quick("--engine", "hf"),
+        )  # fmt: skip
+        self.pkd("cache-logits", *common, "--out", self.paths.artifact("logits"))
+        self.pkd("cache-logits", *common, "--no-adapter", "--out", self.paths.artifact("logits-unaligned"))
+
+    def train_students(self, runs: list[tuple[Variant, int]]) -> None:
+        commands = []
+        for v, seed in runs:
+            cache = self.paths.artifact("logits" if v.cache == "aligned" else "logits-unaligned")
+            args = [
+                "train-student", "--cache", cache, "--student", self.world.student,
+                "--out", self.paths.student(v.key, seed), "--seed", str(seed), *v.flags,
+                *self._quick("--epochs", "20"),
+            ]  # fmt: skip
+            commands.append((f"train-student-{v.key}-seed{seed}", args))
+        self.pkd_concurrently(commands)
+
+    def _quick(self, *flags: str) -> tuple[str, ...]:
+        """Flags that make quick mode quick: the HF engine instead of a vLLM start per use
+        (~15 s each on CPU), fewer rounds and epochs. The teacher stays behind vLLM."""
+        return flags if self.quick else ()
+
+
+def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: Callable[[str], None]) -> dict[str, Any]:
+    """Every student, the proxy before/after alignment and the teacher itself, on the held-out
+    teacher samples: NLL per token, top-1 agreement, exact match of the stated answer."""
+    from pkd.config import EvalConfig, RunConfig, load_recipe
+    from pkd.progress import StepProgress
+    from pkd.steps.evaluate import evaluate
+
+    base = load_recipe().eval
+    proxy_adapter = _proxy_adapter(paths.artifact("proxy"))
+    jobs: list[tuple[str, int | None, str]] = [
+        ("teacher", None, str(world.teacher)),
+        ("proxy_before", None, str(world.proxy)),
+        ("proxy_after", None, str(proxy_adapter)),
+    ]
+    for v in VARIANTS:
+        if v.cache is None:
+            jobs.append((v.key, None, str(world.student)))
+        else:
+            jobs += [(v.key, s, str(paths.student(v.key, s) / "model")) for s in seeds]
+    say("\nscoring every model on the held-out teacher samples")
+    out: dict[str, Any] = {}
+    with StepProgress(len(jobs), description="eval", unit="models") as progress:
+        for key, seed, model in jobs:
+            cfg = EvalConfig(**{
+                **base.model_dump(), "model": model, "samples": str(paths.artifact("teacher-heldout")),
+                "split": "all", "answer_pattern": ANSWER_RE.pattern, "out": None,
+            })  # fmt: skip
+            report = evaluate(cfg, RunConfig())
+            out.setdefault(key, {})["all" if seed is None else str(seed)] = report
+            progress.update(done=1, tokens=report["tokens"])
+    return out
+
+
+def _proxy_adapter(proxy_dir: Path) -> Path:
+    """The aligned proxy `pkd proxy-align` wrote: its adapter (LoRA) or its model (full)."""
+    for name in ("adapter", "model"):
+        if (proxy_dir / name).is_dir():
+            return proxy_dir / name
+    raise DemoError(f"{proxy_dir}: no aligned proxy (adapter/ or model/) in it")

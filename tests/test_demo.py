@@ -1,0 +1,119 @@
+"""`pkd demo`: the comparison it reports, how a failed step surfaces, and (slow) the quick demo
+end to end — the smoke test CI runs: four real `pkd` commands against a real vLLM teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pkd.toy.demo import VARIANTS, DemoError, DemoPaths, _Steps
+from pkd.toy.results import results_table, summarize, write_chart
+from pkd.toy.world import ToyWorld
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _report(em: float, nll: float, agree: float) -> dict[str, float | int]:
+    return {"exact_match": em, "nll_per_token": nll, "top1_agreement": agree, "rows": 4}
+
+
+def _scores() -> dict[str, dict[str, dict]]:
+    scores = {
+        "teacher": {"all": _report(1.0, 0.1, 0.99)},
+        "proxy_before": {"all": _report(0.5, 1.0, 0.6)},
+        "proxy_after": {"all": _report(0.9, 0.2, 0.95)},
+        "student_base": {"all": _report(0.05, 3.0, 0.4)},
+    }
+    for i, v in enumerate(VARIANTS[1:]):
+        scores[v.key] = {str(s): _report(0.5 + 0.1 * i + 0.02 * s, 0.5 - 0.05 * i, 0.9) for s in (0, 1, 2)}
+    return scores
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
+    world = ToyWorld.at(tmp_path, {"prompts": {"heldout": 4, "train": 8}})
+    results = summarize(_scores(), world, [0, 1, 2], quick=False, timings={"total": 1.0}, commands=["pkd x"])
+    by_key = {v["key"]: v for v in results["variants"]}
+    assert list(by_key) == [v.key for v in VARIANTS]
+    pkd = by_key["proxy_kd"]["exact_match"]
+    assert pkd["values"] == pytest.approx([0.8, 0.82, 0.84])
+    assert pkd["mean"] == pytest.approx(0.82) and pkd["std"] == pytest.approx(0.02)
+    assert by_key["student_base"]["exact_match"] == {"mean": 0.05, "std": 0.0, "values": [0.05]}
+    assert results["proxy_kd_gain_over_blackbox_kd"]["exact_match_points"] == pytest.approx(30.0)
+    assert results["proxy"]["before_alignment"]["top1_agreement"] == 0.6
+    json.dumps(results)  # what results.json holds
+
+    console = Console(record=True, width=200)
+    console.print(results_table(results))
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    for v in VARIANTS:
+        assert v.label in text
+    assert "82.0% ± 2.0" in text and "+30.0 points" in text and "60.0% before alignment, 95.0% after" in text
+
+    write_chart(results, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_toy_recipe_checks_answers_as_the_task_family_states_them() -> None:
+    from pkd.config import load_recipe
+    from pkd.toy.tasks import ANSWER_RE
+
+    assert load_recipe().eval.answer_pattern == ANSWER_RE.pattern
+
+
+def test_a_failed_step_stops_the_demo_naming_the_command(tmp_path: Path) -> None:
+    paths = DemoPaths(tmp_path)
+    world = ToyWorld.at(paths.world, {})
+    steps = _Steps(paths, world, quick=True, say=lambda _line: None)
+    with pytest.raises(DemoError, match=r"exit 2\): pkd teacher-sample --prompts .*missing\.jsonl"):
+        steps.pkd("teacher-sample", "--prompts", tmp_path / "missing.jsonl", "--dry-run")
+    assert steps.commands == [f"pkd teacher-sample --prompts {tmp_path / 'missing.jsonl'} --dry-run"]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_pipeline_end_to_end(toy_world_quick: ToyWorld) -> None:
+    root = toy_world_quick.root.parent
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pkd.cli", "demo", "--quick", "--root", str(root)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Held-out results" in done.stdout and "teacher server stopped" in done.stdout
+
+    paths = DemoPaths(root)
+    results = json.loads(paths.results.read_text())
+    assert paths.chart.read_bytes()[:4] == b"\x89PNG"
+    assert [v["key"] for v in results["variants"]] == [v.key for v in VARIANTS]
+    for v in results["variants"]:
+        for metric in ("exact_match", "nll_per_token", "top1_agreement"):
+            assert math.isfinite(v[metric]["mean"]) and len(v[metric]["values"]) == 1
+    # Distillation moved every trained student towards the teacher.
+    base_nll = results["variants"][0]["nll_per_token"]["mean"]
+    assert all(v["nll_per_token"]["mean"] < base_nll for v in results["variants"][1:])
+    assert results["teacher"]["exact_match"] >= 0.8
+    proxy = results["proxy"]
+    assert proxy["after_alignment"]["top1_agreement"] > proxy["before_alignment"]["top1_agreement"]
+    # The four real commands ran, and every artifact they wrote is complete.
+    steps = [c.split()[1] for c in results["commands"]]
+    assert steps[:5] == ["teacher-sample", "teacher-sample", "proxy-align", "cache-logits", "cache-logits"]
+    assert steps[5:] == ["train-student"] * 4
+    for name in ("teacher", "teacher-heldout", "proxy", "logits", "logits-unaligned"):
+        assert json.loads((paths.artifact(name) / "manifest.json").read_text())["complete"], name
+    verify = subprocess.run([sys.executable, "-m", "pkd.cli", "cache", "verify", str(paths.artifact("logits"))], cwd=REPO, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # The teacher server the demo started is gone.
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).count(str(toy_world_quick.teacher))]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

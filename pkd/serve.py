@@ -8,6 +8,7 @@ stopped with it: leaving the context always kills the whole group, whatever happ
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -118,6 +120,24 @@ def _wait_group_gone(proc: subprocess.Popen, timeout: float) -> bool:
         time.sleep(0.1)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def popen_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    """Start `cmd` as the leader of a new process group (so `stop_process_group` reaches all it
+    starts) that Linux SIGTERMs when the thread that started it dies: a `kill -9` of pkd or of
+    the demo then takes its server down too instead of leaving it holding memory and a port."""
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # runs in the child between fork and exec
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
+
+
 def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM the process group led by `proc` (start_new_session=True made it the leader), give
     it `grace` seconds to exit (vLLM cleans up its shared memory on SIGTERM), then SIGKILL what
@@ -189,14 +209,7 @@ def vllm_server(
     ]  # fmt: skip
     failed = True
     with open(log, "ab") as log_file:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            start_new_session=True,
-        )
+        proc = popen_group(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
     try:
         _wait_ready(proc, root, name, startup_timeout, log)
         yield VllmServer(base_url=f"{root}/v1", model=name, port=port, process=proc, log_path=log)

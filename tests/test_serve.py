@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from pkd.errors import ServerError
-from pkd.serve import VllmServer, stop_process_group, vllm_server
+from pkd.serve import VllmServer, popen_group, stop_process_group, vllm_server
 from pkd.tiny import TinyFamily
 
 
@@ -101,3 +101,22 @@ def test_stop_kills_a_group_that_ignores_sigterm() -> None:
     assert time.monotonic() - start < 5
     assert proc.returncode == -signal.SIGKILL
     assert _group_gone(proc.pid)
+
+
+def test_a_server_dies_with_the_process_that_started_it() -> None:
+    # A parent that starts a group leader the way vllm_server does, then is killed with -9.
+    code = (
+        "import subprocess, sys, time; from pkd.serve import popen_group;"
+        "child = popen_group([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        "print(child.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    with parent.stdout:
+        child = int(parent.stdout.readline())
+    assert not _group_gone(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while not _group_gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _group_gone(child)

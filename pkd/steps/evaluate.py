@@ -72,6 +72,7 @@ def stated_answer(text: str, pattern: re.Pattern[str] | None) -> str | None:
 
 
 def matches(answer: str, reference: str, pattern: re.Pattern[str] | None) -> bool:
+    """Exact match: the stated answer equals the reference up to whitespace and case."""
     stated = stated_answer(answer, pattern)
     return stated is not None and _normalise(stated) == _normalise(reference)
 

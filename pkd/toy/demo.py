@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from pkd.errors import PkdError
-from pkd.toy.tasks import ANSWER_RE
 from pkd.toy.world import ToyWorld, build_world
 
 DEFAULT_ROOT = Path("cache") / "demo"
@@ -253,8 +252,9 @@ class _Steps:
 
 def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: Callable[[str], None]) -> dict[str, Any]:
     """Every student, the proxy before/after alignment and the teacher itself, on the held-out
-    teacher samples: NLL per token, top-1 agreement, exact match of the stated answer."""
-    from pkd.config import EvalConfig, RunConfig, load_recipe
+    teacher samples: NLL per token, top-1 agreement, exact match of the stated answer (the toy
+    recipe's [eval] settings, whose answer_pattern is the task family's ANSWER_RE)."""
+    from pkd.config import RunConfig, load_recipe
     from pkd.progress import StepProgress
     from pkd.steps.evaluate import evaluate
 
@@ -274,10 +274,7 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
     out: dict[str, Any] = {}
     with StepProgress(len(jobs), description="eval", unit="models") as progress:
         for key, seed, model in jobs:
-            cfg = EvalConfig(**{
-                **base.model_dump(), "model": model, "samples": str(paths.artifact("teacher-heldout")),
-                "split": "all", "answer_pattern": ANSWER_RE.pattern, "out": None,
-            })  # fmt: skip
+            cfg = base.model_copy(update={"model": model, "samples": str(paths.artifact("teacher-heldout"))})
             report = evaluate(cfg, RunConfig())
             out.setdefault(key, {})["all" if seed is None else str(seed)] = report
             progress.update(done=1, tokens=report["tokens"])

@@ -30,13 +30,13 @@ from rich.table import Table
 
 from pkd.config import CacheLogitsConfig, RunConfig
 from pkd.engines import load_engine
-from pkd.gguf_import import convert_gguf, smollm2_gguf_path
+from pkd.models.gguf import convert_gguf, smollm2_gguf_path
 from pkd.records import Manifest
 from pkd.steps.cache_logits import run_cache_logits
 from pkd.steps.teacher_sample import Outcome, Writer
 from pkd.store import Folder
-from pkd.tiny import synthetic_tasks
-from pkd.tokenize_chat import encode_chat
+from pkd.models.tiny import synthetic_tasks
+from pkd.models.chat import encode_chat
 
 MODEL_DIR = Path("cache/bench/smollm2/hf")
 WORK = Path("cache/bench/cache_logits")

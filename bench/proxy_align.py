@@ -22,13 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pkd.config import Recipe, override
-from pkd.gguf_import import convert_gguf, smollm2_gguf_path
+from pkd.models.gguf import convert_gguf, smollm2_gguf_path
 from pkd.records import Manifest
-from pkd.splits import split_of
+from pkd.teacher.splits import split_of
 from pkd.steps.proxy_align import run_proxy_align
 from pkd.steps.teacher_sample import Outcome, Writer
 from pkd.store import Folder
-from pkd.tiny import synthetic_tasks
+from pkd.models.tiny import synthetic_tasks
 
 MODEL_DIR = Path("cache/bench/smollm2/hf")
 WORK = Path("cache/bench/proxy_align")

@@ -2,7 +2,7 @@
 
     python bench/teacher_sample.py [--prompts 128] [--concurrency 16] [--max-tokens 32]
 
-Throughput: a real vLLM server (CPU) over the tiny teacher of `pkd.tiny` (built once under
+Throughput: a real vLLM server (CPU) over the tiny teacher of `pkd.models.tiny` (built once under
 cache/bench/tiny-family), the same prompts for every contender, after a warm-up pass over all of
 them so that no contender profits from a warmer prefix cache:
 - sequential: one synchronous `openai.OpenAI` request after the other;
@@ -67,7 +67,7 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 def _prompts_file(n: int, folder: Path) -> tuple[Path, list[str]]:
-    from pkd.tiny import synthetic_tasks
+    from pkd.models.tiny import synthetic_tasks
 
     texts = [f"{q} (#{i})" for i, (q, _a) in enumerate(synthetic_tasks(n, seed=1))]
     path = folder / "prompts.jsonl"
@@ -130,8 +130,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pkd.serve import free_port, vllm_server
-    from pkd.tiny import build_family
+    from pkd.engines.serve import free_port, vllm_server
+    from pkd.models.tiny import build_family
 
     console = Console(width=120)
     results: dict[str, dict] = {"overhead": {}, "throughput": {}}

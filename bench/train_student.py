@@ -41,12 +41,12 @@ def build(work: Path, a: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pkd.codec import TopkCodec
+    from pkd.cache.codec import TopkCodec
     from pkd.fingerprint import tokenizer_fingerprint
-    from pkd.logit_cache import LogitCacheWriter, LogitSample
+    from pkd.cache.shards import LogitCacheWriter, LogitSample
     from pkd.records import LogitCacheManifest
     from pkd.store import Folder
-    from pkd.tiny import default_corpus, train_tokenizer
+    from pkd.models.tiny import default_corpus, train_tokenizer
 
     tok = train_tokenizer(default_corpus(), 512, work / "tokenizer")
     for name, (hidden, layers, heads) in {"student": (a.hidden, a.layers, a.hidden // 64), "proxy": (2 * a.hidden, 2 * a.layers, a.hidden // 32)}.items():
@@ -74,10 +74,10 @@ def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
-    from pkd.kd_trainer import KDSettings, ProxyKDTrainer
-    from pkd.logit_cache import iter_samples
+    from pkd.student.trainer import KDSettings, ProxyKDTrainer
+    from pkd.cache.shards import iter_samples
     from pkd.store import Folder
-    from pkd.student_data import CacheStream
+    from pkd.student.data import CacheStream
 
     cuda = a.device == "cuda"
     if not cuda:

@@ -366,7 +366,7 @@ def demo(
 @cache_app.command("inspect")
 def cache_inspect(uri: CacheURI, as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False) -> None:
     """Summarise a cache: rows, tokens, k, codec, bytes/token, fingerprints, μ/γ, ℓ histogram."""
-    from pkd.cache_ops import summarize
+    from pkd.cache.ops import summarize
     from pkd.store import Folder
 
     s = summarize(Folder(uri))
@@ -417,7 +417,7 @@ def cache_verify(
     decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Also decode every row (slower, checks the codec streams).")] = True,
 ) -> None:
     """Check sha256, schema, counts and decodability of every shard; exit 1 naming each bad file."""
-    from pkd.cache_ops import verify
+    from pkd.cache.ops import verify
     from pkd.store import Folder
 
     report = verify(Folder(uri), decode=decode)
@@ -436,7 +436,7 @@ def cache_merge(
     parts: Annotated[list[str], typer.Argument(help="Caches to join (e.g. the outputs of `--part i/N` runs).")],
 ) -> None:
     """Join caches built in parts; refuses mismatched tokenizer/proxy, k, codec or overlapping samples."""
-    from pkd.cache_ops import merge
+    from pkd.cache.ops import merge
     from pkd.store import Folder
 
     m = merge([Folder(p) for p in parts], Folder(out))
@@ -444,7 +444,7 @@ def cache_merge(
 
 
 def _copy(src: str, dst: str, verb: str) -> None:
-    from pkd.cache_ops import copy_cache
+    from pkd.cache.ops import copy_cache
     from pkd.store import Folder
 
     m, n = copy_cache(Folder(src), Folder(dst))

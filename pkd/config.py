@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pkd.errors import ConfigError
-from pkd.lora import check_rank, check_targets
-from pkd.splits import DEFAULT_RATIOS, check_ratios
+from pkd.models.lora import check_rank, check_targets
+from pkd.teacher.splits import DEFAULT_RATIOS, check_ratios
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "toy.toml"

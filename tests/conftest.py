@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pkd.serve import VllmServer, vllm_server
-from pkd.tiny import TinyFamily, build_family
+from pkd.engines.serve import VllmServer, vllm_server
+from pkd.models.tiny import TinyFamily, build_family
 from pkd.toy.world import ToyWorld, build_world
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pkd.codec import TopkCodec
+from pkd.cache.codec import TopkCodec
 from pkd.fingerprint import files_fingerprint, tokenizer_fingerprint
-from pkd.logit_cache import LogitCacheWriter, LogitSample
+from pkd.cache.shards import LogitCacheWriter, LogitSample
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
-from pkd.tiny import IM_END, TinyFamily, synthetic_tasks
+from pkd.models.tiny import IM_END, TinyFamily, synthetic_tasks
 
 
 def chat_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pkd.codec import TopkCodec
-from pkd.logit_cache import LogitCacheWriter, LogitSample
+from pkd.cache.codec import TopkCodec
+from pkd.cache.shards import LogitCacheWriter, LogitSample
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
 

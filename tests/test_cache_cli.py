@@ -175,7 +175,7 @@ def s3_server():
 
     import httpx
 
-    from pkd.serve import free_port
+    from pkd.engines.serve import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

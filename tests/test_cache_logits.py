@@ -19,20 +19,20 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pkd.cache_ops import verify
+from pkd.cache.ops import verify
 from pkd.cli import app
 from pkd.config import CacheLogitsConfig, RunConfig
 from pkd.engines import vllm_unusable_reason
 from pkd.fingerprint import files_fingerprint
-from pkd.logit_cache import LogitSample, iter_samples, seq_logprob_stats
+from pkd.cache.shards import LogitSample, iter_samples, seq_logprob_stats
 from pkd.records import LogitCacheManifest, Manifest
-from pkd.splits import split_of
+from pkd.teacher.splits import split_of
 from pkd.errors import CompatibilityError, InputError
 from pkd.steps.cache_logits import part_of, resolve_proxy, run_cache_logits
 from pkd.steps.teacher_sample import Outcome, Writer
 from pkd.store import Folder
-from pkd.tiny import TinyFamily, build_llama, default_corpus, synthetic_tasks, train_tokenizer
-from pkd.tokenize_chat import encode_chat
+from pkd.models.tiny import TinyFamily, build_llama, default_corpus, synthetic_tasks, train_tokenizer
+from pkd.models.chat import encode_chat
 
 RATIOS = (0.2, 0.2, 0.6)
 K = 8
@@ -369,7 +369,7 @@ def test_smollm2_through_both_engines(tmp_path_factory: pytest.TempPathFactory) 
     if reason := vllm_unusable_reason():
         pytest.skip(reason)
     from pkd.engines import load_engine
-    from pkd.gguf_import import convert_gguf, smollm2_gguf_path
+    from pkd.models.gguf import convert_gguf, smollm2_gguf_path
 
     root = tmp_path_factory.mktemp("smollm2")
     model = convert_gguf(smollm2_gguf_path(), root / "model")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pkd.codec import TopkCodec, topk_tail_kl
+from pkd.cache.codec import TopkCodec, topk_tail_kl
 from pkd.errors import CodecError
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pkd.toy.demo import VARIANTS, DemoError, DemoPaths, _Steps
+from pkd.toy.demo import DemoError, DemoPaths, _Steps
+from pkd.toy.variants import VARIANTS
 from pkd.toy.results import results_table, summarize, write_chart
 from pkd.toy.world import ToyWorld
 

@@ -15,7 +15,7 @@ import pytest
 import pkd.engines
 from pkd.engines import Engine, ScoreResult, load_engine, vllm_unusable_reason, windows
 from pkd.errors import EngineError
-from pkd.tiny import TinyFamily, synthetic_tasks
+from pkd.models.tiny import TinyFamily, synthetic_tasks
 
 K = 10  # vLLM's k; HF scores k + 1 to see the gap below the k-th
 TOL = 1e-3

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 from pkd.cli import app
 from pkd.config import EvalConfig, RunConfig, TrainStudentConfig
 from pkd.records import FileEntry, Manifest
-from pkd.splits import split_of
+from pkd.teacher.splits import split_of
 from pkd.steps.evaluate import encode, evaluate, matches, stated_answer
 from pkd.steps.teacher_sample import sample_schema
 from pkd.steps.train_student import train_student
 from pkd.store import Folder
-from pkd.tiny import synthetic_tasks
+from pkd.models.tiny import synthetic_tasks
 
 
 def write_teacher_samples(uri: str, n: int = 10) -> None:

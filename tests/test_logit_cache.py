@@ -2,9 +2,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pkd.codec import topk_tail_kl
+from pkd.cache.codec import topk_tail_kl
 from pkd.errors import ManifestError
-from pkd.logit_cache import LogitCacheWriter, iter_samples, seq_logprob_stats
+from pkd.cache.shards import LogitCacheWriter, iter_samples, seq_logprob_stats
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
 from synthetic import header, make_samples, write_cache

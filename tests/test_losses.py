@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pkd.losses import IGNORE_INDEX, proxy_kd_loss, sample_weights
+from pkd.student.losses import IGNORE_INDEX, proxy_kd_loss, sample_weights
 
 
 def dense_reference(logits, shift_labels, proxy_logp, weights, k, *, alpha, tail, tau):

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from pkd.cli import app
 from pkd.errors import InputError
-from pkd.prompts import load_prompts, prompts_fingerprint
-from pkd.splits import SPLITS, check_ratios, split_of
+from pkd.teacher.prompts import load_prompts, prompts_fingerprint
+from pkd.teacher.splits import SPLITS, check_ratios, split_of
 
 RECORDS = [
     {"id": "a", "prompt": "What is 2 + 2?", "reference": "4"},

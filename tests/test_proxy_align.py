@@ -18,19 +18,19 @@ import pytest
 from typer.testing import CliRunner
 
 from pkd.align.data import preference_pairs, split_samples
-from pkd.teacher_samples import TeacherSample, read_teacher_samples
-from pkd.lora import vllm_problems
+from pkd.teacher.samples import TeacherSample, read_teacher_samples
+from pkd.models.lora import vllm_problems
 from pkd.cli import app
 from pkd.config import Recipe, override
 from pkd.engines import load_engine
 from pkd.errors import ConfigError, InputError
 from pkd.records import Manifest
-from pkd.splits import split_of
+from pkd.teacher.splits import split_of
 from pkd.steps.proxy_align import Summary, load_chat_tokenizer, run_proxy_align, vocab_warning
 from pkd.steps.teacher_sample import Outcome, Writer
 from pkd.store import Folder
-from pkd.tiny import TinyFamily, build_llama, default_corpus, synthetic_tasks, train_tokenizer
-from pkd.tokenize_chat import encode_chat
+from pkd.models.tiny import TinyFamily, build_llama, default_corpus, synthetic_tasks, train_tokenizer
+from pkd.models.chat import encode_chat
 
 RATIOS = (0.4, 0.4, 0.2)
 

@@ -16,8 +16,8 @@ import pytest
 from openai import OpenAI
 
 from pkd.errors import ServerError
-from pkd.serve import VllmServer, popen_group, stop_process_group, vllm_server
-from pkd.tiny import TinyFamily
+from pkd.engines.serve import VllmServer, popen_group, stop_process_group, vllm_server
+from pkd.models.tiny import TinyFamily
 
 
 def _port_open(port: int) -> bool:
@@ -106,7 +106,7 @@ def test_stop_kills_a_group_that_ignores_sigterm() -> None:
 def test_a_server_dies_with_the_process_that_started_it() -> None:
     # A parent that starts a group leader the way vllm_server does, then is killed with -9.
     code = (
-        "import subprocess, sys, time; from pkd.serve import popen_group;"
+        "import subprocess, sys, time; from pkd.engines.serve import popen_group;"
         "child = popen_group([sys.executable, '-c', 'import time; time.sleep(60)']);"
         "print(child.pid, flush=True); time.sleep(60)"
     )

@@ -10,10 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pkd.errors import CompatibilityError, IntegrityError
-from pkd.losses import IGNORE_INDEX
-from pkd.logit_cache import iter_samples
+from pkd.student.losses import IGNORE_INDEX
+from pkd.cache.shards import iter_samples
 from pkd.store import Folder
-from pkd.student_data import CacheStream, check_student_compatible, row_groups, stream_keys
+from pkd.student.data import CacheStream, check_student_compatible, row_groups, stream_keys
 from synthetic import make_samples, write_cache
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 
 from fake_api import FakeAPI, Reply, completion, error, last_user
 from pkd.cli import app
-from pkd.splits import split_of
+from pkd.teacher.splits import split_of
 from pkd.store import Folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def test_bad_key_stops_at_once_and_the_key_never_leaks(tmp_path: Path) -> None:
 
 
 def test_unreachable_host_and_unknown_model_stop_with_what_to_fix(tmp_path: Path, api: FakeAPI) -> None:
-    from pkd.serve import free_port
+    from pkd.engines.serve import free_port
 
     start = time.monotonic()
     result = sample(prompts_file(tmp_path), tmp_path / "out", f"http://127.0.0.1:{free_port()}/v1")

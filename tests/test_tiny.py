@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pkd.tiny import IM_END, IM_START, TinyFamily, build_family, build_llama
+from pkd.models.tiny import IM_END, IM_START, TinyFamily, build_family, build_llama
 
 
 @pytest.fixture(scope="module")

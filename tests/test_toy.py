@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pkd.prompts import load_prompts
+from pkd.teacher.prompts import load_prompts
 from pkd.toy.tasks import (
     STYLES,
     Problem,
@@ -86,7 +86,7 @@ def test_sft_loop_teaches_a_tiny_model_to_answer(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pkd.tiny import build_llama, train_tokenizer
+    from pkd.models.tiny import build_llama, train_tokenizer
     from pkd.toy.tasks import chat_example
     from pkd.toy.train import agreement, chat_examples, greedy_responses, train_sft
 
@@ -132,7 +132,7 @@ def test_vllm_serves_the_teacher_as_transformers_decodes_it(toy_world_quick: Toy
     from openai import AsyncOpenAI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pkd.serve import vllm_server
+    from pkd.engines.serve import vllm_server
     from pkd.toy.train import greedy_responses
 
     held = list(read_prompts(toy_world_quick.prompts_heldout))

@@ -1,3 +1,3 @@
 """Stage 1 of Proxy-KD, the parts of `pkd proxy-align` (orchestrated by pkd.steps.proxy_align):
-teacher-sample reading and pair building (data), adapter rules (lora), training (train), proxy
-self-sampling (sample), held-out metrics (metrics) and the report (report)."""
+pair building (data), training (train), proxy self-sampling (sample), held-out metrics
+(metrics) and the report (report)."""

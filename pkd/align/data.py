@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkd.errors import InputError
-from pkd.teacher_samples import TeacherSample
+from pkd.teacher.samples import TeacherSample
 
 def _rank(key: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pkd.lora import target_modules
+from pkd.models.lora import target_modules
 from pkd.config import ProxyAlignConfig
 
 

@@ -5,7 +5,8 @@
   (cache-logits, eval).
 
 `load_engine("vllm" | "hf" | "auto", ...)` picks one. vLLM, torch and transformers are imported
-inside the implementations only, so importing `pkd.engines` stays cheap.
+inside the implementations only, so importing `pkd.engines` stays cheap. `pkd.engines.serve`
+starts and stops a real vLLM OpenAI-compatible server (the demo's teacher, the tests').
 """
 
 from __future__ import annotations

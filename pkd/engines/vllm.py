@@ -4,7 +4,7 @@ Memory: on a GPU, vLLM reserves `gpu_memory_utilization` of the card up front (w
 cache). The default 0.5 leaves the rest to a trainer on the same GPU (proxy-align alternates
 generation and training); cache-logits and eval, which train nothing, can pass 0.9. On CPU the
 KV cache is sized by the environment variable `VLLM_CPU_KVCACHE_SPACE` (GiB), defaulted here to
-pkd.serve.CPU_ENV_DEFAULTS (1 GiB, enough for small models; raise it for long or many
+pkd.engines.serve.CPU_ENV_DEFAULTS (1 GiB, enough for small models; raise it for long or many
 sequences); `gpu_memory_utilization` plays no part there.
 
 On CPU the model runs in this process (no engine-core or worker subprocess): the engine starts
@@ -28,8 +28,8 @@ import numpy as np
 
 from pkd.engines import ScoreResult, check_score_args, checkpoint_dtype, empty_result, windows
 from pkd.errors import EngineError
-from pkd.lora import vllm_problems
-from pkd.serve import CPU_ENV_DEFAULTS
+from pkd.models.lora import vllm_problems
+from pkd.engines.serve import CPU_ENV_DEFAULTS
 
 if TYPE_CHECKING:
     from vllm import LLM

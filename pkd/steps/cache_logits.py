@@ -1,7 +1,7 @@
 """`pkd cache-logits`: the aligned proxy scores the teacher's responses of D_s, teacher-forced,
 into the logit cache (DESIGN §1 stage 2, §3), the shareable artifact that train-student reads.
 
-Per sample: the chat's ids (pkd.tokenize_chat), at every response position the proxy's top-k
+Per sample: the chat's ids (pkd.models.chat), at every response position the proxy's top-k
 ids/logprobs and the teacher token's logprob, and ℓ, their mean; μ and γ of ℓ over the whole
 cache go into the manifest when the pass ends (LogitCacheWriter.close).
 
@@ -28,23 +28,23 @@ from typing import Any
 
 import numpy as np
 
-from pkd.models import local_dir, resolve_model
-from pkd.teacher_samples import SHARDS_PREFIX, TeacherSample, read_teacher_samples, teacher_fingerprint
-from pkd.codec import TopkCodec
+from pkd.models.resolve import local_dir, resolve_model
+from pkd.teacher.samples import SHARDS_PREFIX, TeacherSample, read_teacher_samples, teacher_fingerprint
+from pkd.cache.codec import TopkCodec
 from pkd.config import CacheLogitsConfig, RunConfig
 from pkd.engines import check_score_args
 from pkd.errors import CompatibilityError, ConfigError, InputError
 from pkd.fingerprint import files_fingerprint, sha256_text, tokenizer_fingerprint
-from pkd.logit_cache import SHARD_DIR, LogitCacheWriter, LogitSample
+from pkd.cache.shards import SHARD_DIR, LogitCacheWriter, LogitSample
 from pkd.progress import StepProgress
 from pkd.records import LogitCacheManifest, Manifest
 from pkd.store import TMP_MARK, Folder
-from pkd.tokenize_chat import encode_chat
+from pkd.models.chat import encode_chat
 
 # Settings that may change between a run and its resumption: where things are, how fast they go.
 # What the proxy and the teacher samples are is fixed by the manifest's fingerprints instead.
 FREE_KEYS = frozenset({"teacher", "proxy", "model", "adapter", "student", "out", "engine", "max_logprobs", "shard_rows", "batch_tokens", "gpu_memory_utilization", "tensor_parallel_size"})
-TOKENIZATION = "chat-v1"  # pkd.tokenize_chat's rules: bump when they change what ids a chat gets
+TOKENIZATION = "chat-v1"  # pkd.models.chat's rules: bump when they change what ids a chat gets
 HEADER_FIELDS = ("codec", "vocab_size", "tokenizer_fingerprint", "proxy_fingerprint", "teacher_model", "inputs", "config")
 _PART_SALT = b"pkd-part-v1\0"
 
@@ -161,7 +161,7 @@ def check_student(header: LogitCacheManifest, student: str, proxy: Proxy) -> Non
     """Refuse to start a cache the student could not train on (train-student's own check)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from pkd.student_data import check_student_compatible
+    from pkd.student.data import check_student_compatible
 
     path = resolve_model(student, "student model")
     tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -21,8 +21,8 @@ from typing import Any
 from pkd.config import EvalConfig, RunConfig
 from pkd.errors import ConfigError, InputError
 from pkd.store import Folder
-from pkd.teacher_samples import iter_teacher_samples, open_teacher_samples
-from pkd.tokenize_chat import encode_chat
+from pkd.teacher.samples import iter_teacher_samples, open_teacher_samples
+from pkd.models.chat import encode_chat
 
 
 def load_model(path: str, base: str | None):

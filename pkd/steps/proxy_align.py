@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pkd.align.data import AlignData, preference_pairs, sft_rows, split_samples
-from pkd.models import resolve_model
-from pkd.teacher_samples import read_teacher_samples, teacher_fingerprint
+from pkd.models.resolve import resolve_model
+from pkd.teacher.samples import read_teacher_samples, teacher_fingerprint
 from pkd.config import ProxyAlignConfig, Recipe
 from pkd.errors import ConfigError, InputError
 from pkd.fingerprint import files_fingerprint, sha256_file, tokenizer_fingerprint
@@ -230,13 +230,13 @@ class _Context:
 
     def heldout(self) -> list[tuple[list[int], int]]:
         """Held-out chats tokenized as cache-logits will see them, cut to max_length."""
-        from pkd.tokenize_chat import encode_chat
+        from pkd.models.chat import encode_chat
 
         chats = (encode_chat(self.tokenizer, s.messages, s.response) for s in self.data.heldout)
         return [(c.ids[: self.cfg.max_length], c.response_start) for c in chats]
 
     def warmup(self) -> None:
-        from pkd.lora import vllm_problems
+        from pkd.models.lora import vllm_problems
         from pkd.align.metrics import response_metrics
         from pkd.align.train import free_memory, load_policy, save_proxy, warmup_sft
 

@@ -39,9 +39,9 @@ import pyarrow as pa
 from pkd.config import RunConfig, TeacherSampleConfig
 from pkd.errors import ConfigError, EndpointError, FailureBudgetError, InputError, PkdError
 from pkd.progress import StepProgress
-from pkd.prompts import Prompt, load_prompts, prompts_fingerprint
+from pkd.teacher.prompts import Prompt, load_prompts, prompts_fingerprint
 from pkd.records import FileEntry, Manifest
-from pkd.splits import split_of
+from pkd.teacher.splits import split_of
 from pkd.store import Folder
 
 # Fields that decide what a folder holds; the rest (endpoint URL, concurrency, retries, limit)
@@ -59,7 +59,7 @@ def sample_schema() -> pa.Schema:
         pa.field("sample_id", text, nullable=False),  # "<prompt_id>#<sample_index>"
         pa.field("prompt_id", text, nullable=False),
         pa.field("sample_index", pa.int32(), nullable=False),  # choice index in [0, n)
-        pa.field("split", text, nullable=False),  # warmup | align | distill (pkd.splits)
+        pa.field("split", text, nullable=False),  # warmup | align | distill (pkd.teacher.splits)
         pa.field("messages", pa.list_(pa.struct([("role", text), ("content", text)])), nullable=False),  # as sent
         pa.field("response", text, nullable=False),
         pa.field("finish_reason", text),

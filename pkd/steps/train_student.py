@@ -20,7 +20,7 @@ from typing import Any
 from pkd.config import RunConfig, TrainStudentConfig
 from pkd.errors import ConfigError, ManifestError
 from pkd.fingerprint import files_fingerprint, sha256_file
-from pkd.models import resolve_model
+from pkd.models.resolve import resolve_model
 from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
 from pkd.store import Folder
 
@@ -87,8 +87,8 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     from transformers import AutoConfig, AutoTokenizer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from pkd.kd_trainer import KDSettings, ProxyKDTrainer
-    from pkd.student_data import CacheStream, check_student_compatible
+    from pkd.student.trainer import KDSettings, ProxyKDTrainer
+    from pkd.student.data import CacheStream, check_student_compatible
 
     cache_uri, student, out = _resolve(cfg, run)
     folder, manifest = _open_cache(cache_uri)

@@ -1,0 +1,1 @@
+"""The embedded toy world (arithmetic tasks, teacher/proxy/student models) and `pkd demo`."""

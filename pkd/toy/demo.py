@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from pkd.errors import PkdError
+from pkd.toy.results import summarize, write_chart
+from pkd.toy.variants import VARIANTS, Variant
 from pkd.toy.world import ToyWorld, build_world
 
 DEFAULT_ROOT = Path("cache") / "demo"
@@ -46,26 +48,6 @@ QUICK_SEEDS = (0,)
 
 class DemoError(PkdError):
     """A pipeline step of the demo failed; its own error is printed above or in the log named."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the comparison: the student trained on `cache` ("aligned" or "unaligned"
-    proxy; None: not trained at all) with extra `pkd train-student` flags."""
-
-    key: str
-    label: str
-    cache: str | None
-    flags: tuple[str, ...] = ()
-
-
-VARIANTS = (
-    Variant("student_base", "student base (no distillation)", None),
-    Variant("blackbox_kd", "black-box KD (α = 0)", "aligned", ("--alpha", "0")),
-    Variant("unaligned_proxy", "Proxy-KD, unaligned proxy", "unaligned"),
-    Variant("no_weights", "Proxy-KD, no sample weights", "aligned", ("--uniform-weights",)),
-    Variant("proxy_kd", "Proxy-KD (full)", "aligned"),
-)
 
 
 @dataclass(frozen=True)
@@ -130,8 +112,6 @@ def run_demo(
     with _timer(timings, "eval"):
         scores = _evaluate_all(paths, world, seeds, say)
     timings["total"] = round(time.monotonic() - start, 1)
-
-    from pkd.toy.results import summarize, write_chart
 
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands)
     results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
@@ -205,7 +185,7 @@ class _Steps:
         return [sys.executable, "-m", "pkd.cli", *argv], shown
 
     def teacher_sample(self) -> None:
-        from pkd.serve import vllm_server
+        from pkd.engines.serve import vllm_server
 
         log = self.paths.run / "teacher-server.log"
         self.say(f"\nstarting the teacher: a vLLM OpenAI-compatible server on 127.0.0.1 (log: {log})")

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pkd.toy.variants import VARIANTS
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -34,8 +36,6 @@ def summarize(
     commands: list[str],
 ) -> dict[str, Any]:
     """`scores[key][seed or "all"]` are `pkd eval` reports; the result is what results.json holds."""
-    from pkd.toy.demo import VARIANTS
-
     def metrics(key: str) -> dict[str, Any]:
         reports = list(scores[key].values())
         return {m: _spread([float(r[m]) for r in reports]) for m in METRICS} | {"samples": reports[0]["rows"]}

@@ -133,7 +133,7 @@ class _HasReference(Protocol):
 
 def is_correct(record: Mapping[str, Any] | _HasReference, response: str) -> bool:
     """Whether `response` states the record's reference answer (a prompt record dict as written
-    by `write_prompts`, or a `pkd.prompts.Prompt`)."""
+    by `write_prompts`, or a `pkd.teacher.prompts.Prompt`)."""
     ref = record.get("reference") if isinstance(record, Mapping) else record.reference
     return ref is not None and extract_answer(response) == str(ref)
 

@@ -193,7 +193,7 @@ def _timed(timings: dict[str, dict[str, float]], name: str) -> Iterator[None]:
 def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from pkd.tiny import build_llama, train_tokenizer
+    from pkd.models.tiny import build_llama, train_tokenizer
     from pkd.toy.train import agreement, chat_examples, greedy_responses, train_sft
 
     start, timings = time.monotonic(), {}

@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pkd.codec import TopkCodec
+from pkd.cache.codec import TopkCodec
 from pkd.errors import CompatibilityError, ConfigError, IntegrityError, PkdError
 from pkd.fingerprint import tokenizer_fingerprint
-from pkd.logit_cache import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, open_shard
-from pkd.losses import IGNORE_INDEX, sample_weights
+from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, open_shard
+from pkd.student.losses import IGNORE_INDEX, sample_weights
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
 

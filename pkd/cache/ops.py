@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pkd.codec import TopkCodec
+from pkd.cache.codec import TopkCodec
 from pkd.errors import CompatibilityError, IntegrityError, PkdError, StorageError
-from pkd.logit_cache import (
+from pkd.cache.shards import (
     SHARD_DIR,
     check_compatible,
     check_shard_header,

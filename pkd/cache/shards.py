@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pkd.codec import TopkCodec
+from pkd.cache.codec import TopkCodec
 from pkd.errors import CompatibilityError, IntegrityError, ManifestError
 from pkd.records import LOGITS_FORMAT_VERSION, FileEntry, LogitCacheManifest, SeqLogprobStats, logit_cache_schema
 from pkd.store import Folder

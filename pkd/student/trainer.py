@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from pkd.losses import Tail, proxy_kd_loss
-from pkd.student_data import CacheStream
+from pkd.student.losses import Tail, proxy_kd_loss
+from pkd.student.data import CacheStream
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ProxyKDTrainer(Trainer):
     def __init__(self, *args: Any, kd: KDSettings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.train_dataset, CacheStream):
-            raise TypeError("ProxyKDTrainer trains on a pkd.student_data.CacheStream")
+            raise TypeError("ProxyKDTrainer trains on a pkd.student.data.CacheStream")
         self.kd = kd
         self.args.ignore_data_skip = True  # the stream skips consumed batches itself
         self.model_accepts_loss_kwargs = True  # makes Trainer count num_items_in_batch

@@ -1,0 +1,28 @@
+"""The rows of the demo's comparison: which cache each student learns from and with which flags.
+
+Both the demo (which trains them) and its results (which tabulate them) read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the comparison: the student trained on `cache` ("aligned" or "unaligned"
+    proxy; None: not trained at all) with extra `pkd train-student` flags."""
+
+    key: str
+    label: str
+    cache: str | None
+    flags: tuple[str, ...] = ()
+
+
+VARIANTS = (
+    Variant("student_base", "student base (no distillation)", None),
+    Variant("blackbox_kd", "black-box KD (α = 0)", "aligned", ("--alpha", "0")),
+    Variant("unaligned_proxy", "Proxy-KD, unaligned proxy", "unaligned"),
+    Variant("no_weights", "Proxy-KD, no sample weights", "aligned", ("--uniform-weights",)),
+    Variant("proxy_kd", "Proxy-KD (full)", "aligned"),
+)

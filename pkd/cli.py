@@ -84,7 +84,10 @@ def teacher_sample(
     request_timeout: Annotated[float | None, typer.Option(help="Seconds before one request is abandoned (then retried).")] = None,
     max_retries: Annotated[int | None, typer.Option(help="Retries per request for transient errors (429, 5xx, timeouts, ...).")] = None,
     max_failures: Annotated[int | None, typer.Option(help="Prompts allowed to fail for good before the run stops.")] = None,
+    retry_failed: Annotated[bool | None, typer.Option("--retry-failed", help="Request again the prompts that failed for a transient reason (5xx, timeout, malformed reply, ...).")] = None,
+    retry_after_max: Annotated[float | None, typer.Option(help="Longest wait, in seconds, a Retry-After header may ask for.")] = None,
     shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet shard.")] = None,
+    commit_interval: Annotated[float | None, typer.Option(help="Commit answers at least every N seconds (a crash loses at most that much).")] = None,
     keep_truncated: Annotated[bool | None, typer.Option("--keep-truncated/--drop-truncated", help="Keep responses cut at --max-tokens.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, count prompts and requests, print the plan; send nothing.")] = False,
@@ -92,13 +95,13 @@ def teacher_sample(
 ) -> None:
     """Sample the teacher API for every prompt into Parquet shards; resumable, exactly once per sample."""
     from pkd.config import resolve_recipe
-    from pkd.steps.teacher_sample import plan_teacher_sample, run_teacher_sample
+    from pkd.steps.teacher_sample import FAILURES, plan_teacher_sample, retryable_failures, run_teacher_sample
 
     flags = dict(
         prompts=prompts, out=out, base_url=base_url, model=model, api_key_env=api_key_env, system_prompt=system_prompt, n=n,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs, concurrency=concurrency,
-        request_timeout_s=request_timeout, max_retries=max_retries, max_failures=max_failures, shard_size=shard_size,
-        keep_truncated=keep_truncated, limit=limit,
+        request_timeout_s=request_timeout, max_retries=max_retries, max_failures=max_failures, retry_failed=retry_failed,
+        retry_after_max_s=retry_after_max, shard_size=shard_size, commit_interval_s=commit_interval, keep_truncated=keep_truncated, limit=limit,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "teacher_sample", flags)
     if dry_run:
@@ -110,19 +113,23 @@ def teacher_sample(
         return
     s = run_teacher_sample(r.teacher_sample, r.run)
     c, now = s.counts, s.session
+    retry = retryable_failures(c)
+    hint = f"; {c.get('failed', 0):,} failed (see {s.plan.out}/{FAILURES}), {retry:,} of them for a transient reason: rerun with --retry-failed to request those again" if retry else ""
     if not now:
-        console.print(f"[green]nothing to do[/] {s.plan.out}: all {s.plan.prompts:,} prompts already sampled ({c.get('samples', 0):,} samples)")
+        console.print(f"[green]nothing to do[/] {s.plan.out}: all {s.plan.prompts:,} prompts already handled ({c.get('samples', 0):,} samples){hint}")
         return
     t = Table(title=f"teacher-sample -> {s.plan.out}", title_justify="left")
     for col in ("", "this run", "whole folder"):
         t.add_column(col, justify="right" if col else "left")
     keys = ["prompts_done", "samples", "requests", "retries", "prompt_tokens", "completion_tokens"]
-    keys += sorted(k for k in {**c, **now} if k.startswith(("dropped_", "failed")))
+    keys += sorted(k for k in {**c, **now} if k.startswith(("dropped_", "failed", "retry_after")))
     for k in keys:
         t.add_row(k.replace("_", " "), f"{now.get(k, 0):,}", f"{c.get(k, 0):,}")
     rate = now.get("samples", 0) / max(s.elapsed_s, 1e-9)
     t.caption = f"{c.get('prompts_done', 0):,}/{s.plan.prompts:,} prompts done in this folder; {s.elapsed_s:.1f} s, {rate:.1f} samples/s"
     console.print(t)
+    if c.get("failed"):
+        console.print(f"{c['failed']:,} prompts failed for good (see {s.plan.out}/{FAILURES})" + (f"; {retry:,} for a transient reason: rerun with --retry-failed to request them again" if retry else ""))
 
 
 # pkd proxy-align -------------------------------------------------------------------------------

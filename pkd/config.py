@@ -63,8 +63,11 @@ class TeacherSampleConfig(Section):
     max_retries: int = Field(default=6, ge=0)  # per request, for transient errors only
     backoff_s: float = Field(default=0.5, ge=0)  # first retry waits ~this, doubling up to backoff_max_s
     backoff_max_s: float = Field(default=30.0, ge=0)
+    retry_after_max_s: float = Field(default=300.0, ge=0)  # a longer Retry-After is cut to this
+    retry_failed: bool = False  # request again the prompts that failed for a transient reason
     max_failures: int = Field(default=100, ge=0)  # permanent per-prompt failures before stopping
     shard_size: int = Field(default=1000, ge=1)  # rows per committed Parquet shard
+    commit_interval_s: float = Field(default=60.0, gt=0)  # commit pending answers at least this often
     keep_truncated: bool = False  # keep responses cut at max_tokens (finish_reason = length)
     split_ratios: tuple[float, float, float] = DEFAULT_RATIOS  # warmup / align / distill
     limit: int | None = Field(default=None, ge=1)  # only the first N prompts

@@ -8,15 +8,18 @@ On object stores the rename is a copy, but the object only appears once fully up
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import posixpath
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from fsspec.registry import known_implementations
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
 
 from pkd.errors import ManifestError, StorageError
 from pkd.records import MANIFEST_NAME, Manifest, check_relative_path, dump_manifest, parse_manifest
@@ -53,6 +56,38 @@ class Folder:
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, check_relative_path(rel))
+
+    def check_folder(self, what: str, *, write: bool) -> None:
+        """Fail early, naming `what` (e.g. "--out") and the cause, if this location is a file or,
+        with `write`, cannot be created or written: before any paid or long work, not after."""
+        try:
+            if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+                raise StorageError(f"{what} {self.uri} is a file, not a folder: choose a folder")
+            if write:
+                self.fs.makedirs(self.root, exist_ok=True)
+                probe = posixpath.join(self.root, f".write-probe{TMP_MARK}{uuid.uuid4().hex[:8]}")
+                with self.fs.open(probe, "wb") as f:
+                    f.write(b"")
+                self.fs.rm(probe)
+        except OSError as e:
+            raise StorageError(f"{what} {self.uri}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
+
+    @contextmanager
+    def locked(self, holder: str) -> Iterator[None]:
+        """Hold an exclusive advisory lock on a local folder (flock on the directory itself, so no
+        lock file to clean up, and a killed holder releases it). Other filesystems: no lock."""
+        if not isinstance(self.fs, LocalFileSystem):
+            yield
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StorageError(f"{self.uri} is in use by another running {holder}: wait for it to finish, or choose another --out") from None
+            yield
+        finally:
+            os.close(fd)
 
     def where(self, rel: str) -> str:
         """Human-readable location of `rel`, for error messages."""

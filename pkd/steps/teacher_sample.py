@@ -13,12 +13,18 @@ names, so after `kill -9` every (prompt_id, sample_index) is written once and no
 requested again.
 
 Requests: one chat completion per prompt asking for n choices, `concurrency` in flight. The retry
-policy is ours (the openai client's is off): connection errors, timeouts, 408/409/429/5xx and
-malformed responses back off exponentially with jitter, honouring Retry-After (a 429 pauses every
-worker); a prompt that still fails, or gets another 4xx, is recorded and the run goes on until
-`max_failures`; errors that doom every request (401/403 key, 404 model, unreachable host) stop
-the run at once. The API key comes from the environment, is scrubbed from every message and is
-never stored.
+policy is ours (the openai client's is off): connection resets, timeouts, 408/409/429/5xx and
+malformed responses (bad JSON, or a 200 whose `choices` are not n well-formed choices with
+distinct indices in [0, n)) back off exponentially with jitter, honouring Retry-After up to
+`retry_after_max_s` (a 429 pauses every worker); a prompt that still fails, or gets another 4xx,
+is recorded and the run goes on until `max_failures`; `--retry-failed` requests the transiently
+failed ones again. Errors that doom every request (401/403 key, 404 model, a refused connection,
+an unknown host, or connection errors on the whole first wave, at least two, before any answer)
+stop the run at once. The API key comes from the environment, is scrubbed from every message and is never stored.
+
+Pending answers are committed every `shard_size` rows or `commit_interval_s` seconds, whichever
+comes first, so a crash loses at most that much paid work. The output folder is checked writable
+before the first request, and a local one is locked (flock on the folder) against a second run.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import email.utils
 import json
 import os
 import random
+import socket
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +57,7 @@ from pkd.store import Folder
 SAMPLING_KEYS = ("model", "system_prompt", "n", "temperature", "top_p", "max_tokens", "seed", "top_logprobs", "keep_truncated", "split_ratios")
 SHARDS, LEDGER, FAILURES = "shards", "ledger", "failures.jsonl"
 RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
+TRANSIENT_KINDS = frozenset({"timeout", "bad_response", "connection", "http_408", "http_409", "http_429"})  # and http_5xx
 DUMMY_KEY = "pkd-no-key"  # sent when the key variable is unset: a local server needs no auth
 
 
@@ -121,14 +130,56 @@ def retry_after_s(headers: Any) -> float | None:
     return None
 
 
+def is_transient(kind: str) -> bool:
+    """Whether a failure kind may go away on its own (`--retry-failed` requests those again)."""
+    return kind in TRANSIENT_KINDS or (kind.startswith("http_5") and len(kind) == 8)
+
+
 class _BadResponse(ValueError):
     """A 200 whose body is not the chat completion asked for."""
+
+
+def check_choices(resp: Any, n: int) -> None:
+    """Refuse a 200 that is not n choices with a message each and distinct indices in [0, n):
+    the client builds the object without validating it, and a wrong index would file a sample
+    under another sample's id."""
+    from openai.types.chat import ChatCompletion
+
+    if not isinstance(resp, ChatCompletion):
+        raise _BadResponse("the body is not a JSON chat completion")
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list):
+        raise _BadResponse(f"'choices' is {type(choices).__name__ if choices is not None else 'missing or null'}, not a list")
+    if len(choices) != n:
+        raise _BadResponse(f"expected {n} choices, got {len(choices)}")
+    seen: set[int] = set()
+    for c in choices:
+        index = getattr(c, "index", None)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n or index in seen:
+            raise _BadResponse(f"choice index {index!r} is missing, repeated or outside [0, {n})")
+        seen.add(index)
+        message = getattr(c, "message", None)
+        if message is None or not isinstance(getattr(message, "content", None), (str, type(None))):
+            raise _BadResponse(f"choice {index} has no message with text content")
+
+
+def _cause(e: BaseException) -> tuple[str, bool]:
+    """The innermost reason of a connection error, and whether it dooms every request (a refused
+    connection or an unknown host, as opposed to a reset or a dropped connection)."""
+    chain, x = [], e.__cause__ or e.__context__
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    fatal = any(isinstance(c, (ConnectionRefusedError, socket.gaierror)) for c in chain)
+    last = chain[-1] if chain else e
+    text = str(last).strip()
+    return (f"{type(last).__name__}: {text}" if text else type(last).__name__), fatal
 
 
 class Teacher:
     """Sends one prompt's request under our retry policy and turns the answer into rows."""
 
-    def __init__(self, cfg: TeacherSampleConfig, api_key: str | None) -> None:
+    def __init__(self, cfg: TeacherSampleConfig, api_key: str | None, first_wave: int = 1) -> None:
         from openai import AsyncOpenAI
 
         self.cfg = cfg
@@ -141,6 +192,9 @@ class Teacher:
             self._params |= dict(logprobs=True, top_logprobs=cfg.top_logprobs)
         self._pause_until = 0.0  # time.monotonic() before which nobody sends (after a 429)
         self._answered = False  # the server has answered once: a later connection error is transient
+        self._first_wave = max(2, first_wave)  # requests sent at once at the start (one reset alone is not fatal)
+        self._early_errors = 0  # connection errors before any answer
+        self.capped_waits = 0  # Retry-After values cut to retry_after_max_s
         self._rng = random.Random()
 
     def scrub(self, text: str) -> str:
@@ -155,6 +209,13 @@ class Teacher:
         cap = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1))
         return cap / 2 + self._rng.uniform(0, cap / 2)  # "equal jitter": spread retries, keep growth
 
+    def _retry_after(self, headers: Any) -> float | None:
+        wait = retry_after_s(headers)
+        if wait is not None and wait > self.cfg.retry_after_max_s:
+            self.capped_waits += 1
+            return self.cfg.retry_after_max_s
+        return wait
+
     def _fatal(self, status: int, message: str) -> EndpointError | None:
         cfg = self.cfg
         if status in (401, 403):
@@ -166,7 +227,6 @@ class Teacher:
 
     async def sample(self, prompt: Prompt) -> Outcome:
         import openai
-        from openai.types.chat import ChatCompletion
 
         cfg, messages, attempt = self.cfg, self.messages(prompt), 0
         while True:
@@ -176,11 +236,13 @@ class Teacher:
             start = time.perf_counter()
             try:
                 resp = await self.client.chat.completions.create(messages=messages, **self._params)
-                if not isinstance(resp, ChatCompletion) or len(resp.choices) != cfg.n:
-                    got = f"{len(resp.choices)} choices" if isinstance(resp, ChatCompletion) else "a non-JSON body"
-                    raise _BadResponse(f"expected {cfg.n} choices, got {got}")
+                check_choices(resp, cfg.n)
+                try:
+                    outcome = self._outcome(prompt, messages, resp, time.perf_counter() - start, attempt)
+                except (AttributeError, TypeError) as e:  # e.g. `usage` or `logprobs` of the wrong shape
+                    raise _BadResponse(f"unexpected field shape ({e})") from None
                 self._answered = True
-                return self._outcome(prompt, messages, resp, time.perf_counter() - start, attempt)
+                return outcome
             except openai.APIStatusError as e:
                 self._answered = True
                 kind, message = f"http_{e.status_code}", self.scrub(str(e.message))[:300]
@@ -188,15 +250,18 @@ class Teacher:
                     raise fatal from None
                 if e.status_code not in RETRY_STATUS and e.status_code < 500:
                     return self._failed(prompt, attempt, kind, message)
-                retry_after = retry_after_s(e.response.headers)
+                retry_after = self._retry_after(e.response.headers)
                 if e.status_code == 429 and retry_after:
                     self._pause_until = max(self._pause_until, time.monotonic() + retry_after)
             except openai.APITimeoutError:
                 kind, message = "timeout", f"no answer within {cfg.request_timeout_s:g} s"
             except openai.APIConnectionError as e:
-                message = self.scrub(str(e.__cause__ or e))
+                cause, doomed = _cause(e)
+                message = self.scrub(cause)
                 if not self._answered:
-                    raise EndpointError(f"cannot reach the teacher at {cfg.base_url} ({message}): is the server running and --base-url right?") from None
+                    self._early_errors += 1
+                    if doomed or self._early_errors >= self._first_wave:
+                        raise EndpointError(f"cannot reach the teacher at {cfg.base_url} ({message}): is the server running and --base-url right?") from None
                 kind = "connection"
             except ValueError as e:  # JSON decoding, response validation, _BadResponse
                 kind, message = "bad_response", f"malformed response: {self.scrub(str(e))[:300]}"
@@ -242,12 +307,14 @@ class Teacher:
 class Writer:
     """Commits outcomes in batches: shard, ledger, failures file, then the manifest (each atomic)."""
 
-    def __init__(self, folder: Folder, manifest: Manifest, failures: list[dict[str, Any]], shard_size: int) -> None:
-        self.folder, self.manifest, self.failures, self.shard_size = folder, manifest, failures, shard_size
+    def __init__(self, folder: Folder, manifest: Manifest, failures: list[dict[str, Any]], shard_size: int, interval_s: float = 60.0, retrying: dict[str, dict[str, Any]] | None = None) -> None:
+        self.folder, self.manifest, self.failures, self.shard_size, self.interval_s = folder, manifest, failures, shard_size, interval_s
+        self.retrying = retrying or {}  # prompt id -> its failed ledger line, for prompts asked again
         self.pending: list[Outcome] = []
         self.pending_rows = 0
         self.session: Counter[str] = Counter()  # this invocation, committed or pending
         self.next_index = 1 + max((int(f.path.rsplit("-", 1)[1].split(".")[0]) for f in manifest.files if f.path.startswith(LEDGER + "/")), default=-1)
+        self._last_commit = time.monotonic()
         self._write_lock = threading.Lock()  # commits run in a worker thread and at exit
         self._async_lock: asyncio.Lock | None = None
 
@@ -257,7 +324,8 @@ class Writer:
         self.session.update(_tally(outcome.ledger))
 
     def _due(self) -> bool:
-        return max(len(self.pending), self.pending_rows) >= self.shard_size
+        full = max(len(self.pending), self.pending_rows) >= self.shard_size
+        return bool(self.pending) and (full or time.monotonic() - self._last_commit >= self.interval_s)
 
     async def commit_if_due(self) -> None:
         """Commit in a thread so requests keep flowing; one commit at a time, in order."""
@@ -294,14 +362,20 @@ class Writer:
                     pq.write_table(pa.Table.from_pylist(rows, schema=sample_schema()), sink, compression="zstd")
                     files.append(self._put(f"{SHARDS}/{part}.parquet", sink.getvalue().to_pybytes(), len(rows)))
                 files.append(self._put(f"{LEDGER}/{part}.jsonl", _jsonl([o.ledger for o in batch]), len(batch)))
-                if failed := [o.ledger for o in batch if o.ledger["status"] == "failed"]:
-                    failures = failures + failed
+                again = {o.ledger["prompt_id"] for o in batch} & set(self.retrying)
+                failed = [o.ledger for o in batch if o.ledger["status"] == "failed"]
+                if failed or again:  # a prompt asked again replaces its old failure
+                    failures = [f for f in failures if f["prompt_id"] not in again] + failed
                     files = [f for f in files if f.path != FAILURES] + [self._put(FAILURES, _jsonl(failures), len(failures))]
                 for o in batch:
                     counts.update(_tally(o.ledger))
-            new = m.model_copy(update={"files": files, "counts": dict(counts), "complete": complete})
+                for pid in again:
+                    counts.subtract(_untally(self.retrying[pid]))
+            new = m.model_copy(update={"files": files, "counts": {k: v for k, v in counts.items() if v}, "complete": complete})
             self.folder.write_manifest(new)
             self.manifest, self.failures, self.next_index = new, failures, self.next_index + bool(batch)
+            self.retrying = {k: v for k, v in self.retrying.items() if k not in {o.ledger["prompt_id"] for o in batch}}
+            self._last_commit = time.monotonic()
 
     def _put(self, rel: str, data: bytes, rows: int) -> FileEntry:
         import hashlib
@@ -323,6 +397,12 @@ def _tally(ledger: dict[str, Any]) -> Counter[str]:
     return +c
 
 
+def _untally(ledger: dict[str, Any]) -> Counter[str]:
+    """What a failed prompt asked again no longer counts for: it is done once, by its new line.
+    Its requests and retries stay counted: they were sent (and maybe paid for)."""
+    return Counter({"prompts_done": 1, "failed": 1, f"failed_{ledger['error']['kind']}": 1})
+
+
 def _jsonl(records: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
@@ -331,10 +411,12 @@ def _read_jsonl(folder: Folder, rel: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in folder.read_bytes(rel).decode("utf-8").splitlines() if line]
 
 
-def _open_output(folder: Folder, fingerprint: str, config: dict[str, Any], clean: bool) -> tuple[Manifest, set[str], list[dict[str, Any]]]:
-    """The folder's manifest (a fresh one if none), the prompt ids already done and the failures
-    so far. With `clean`, temporaries and files no manifest lists are deleted (uncommitted work)."""
+def _open_output(folder: Folder, fingerprint: str, config: dict[str, Any], clean: bool) -> tuple[Manifest, dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The folder's manifest (a fresh one if none), the last ledger line of every prompt already
+    handled, and the failures so far. With `clean`, temporaries and files no manifest lists are
+    deleted (uncommitted work)."""
     ours = lambda p: p.startswith((SHARDS + "/", LEDGER + "/")) or p == FAILURES  # noqa: E731
+    folder.check_folder("--out", write=False)
     if not folder.has_manifest():
         foreign = [p for p in folder.listdir() if not ours(p) and ".tmp-" not in p]
         if foreign:
@@ -343,7 +425,7 @@ def _open_output(folder: Folder, fingerprint: str, config: dict[str, Any], clean
             folder.remove_temporaries()
             for p in folder.listdir():
                 folder.remove(p)
-        return Manifest(kind="teacher", inputs={"prompts": fingerprint}, config=config), set(), []
+        return Manifest(kind="teacher", inputs={"prompts": fingerprint}, config=config), {}, []
     m = folder.read_manifest()
     if m.kind != "teacher":
         raise InputError(f"{folder.uri} holds a {m.kind!r} artifact, not teacher samples: choose another --out")
@@ -358,36 +440,41 @@ def _open_output(folder: Folder, fingerprint: str, config: dict[str, Any], clean
         for p in folder.listdir():
             if ours(p) and p not in listed:
                 folder.remove(p)
-    done = {line["prompt_id"] for f in m.files if f.path.startswith(LEDGER + "/") for line in _read_jsonl(folder, f.path)}
+    ledger_files = sorted((f.path for f in m.files if f.path.startswith(LEDGER + "/")), key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0]))
+    last = {line["prompt_id"]: line for rel in ledger_files for line in _read_jsonl(folder, rel)}  # later commits win
     failures = _read_jsonl(folder, FAILURES) if FAILURES in listed else []
     m.config = config
-    return m, done, failures
+    return m, last, failures
 
 
-def _prepare(cfg: TeacherSampleConfig, run: RunConfig, clean: bool) -> tuple[Plan, list[Prompt], Folder, Manifest, list[dict[str, Any]]]:
+def _prepare(cfg: TeacherSampleConfig, run: RunConfig, hold: ExitStack | None) -> tuple[Plan, list[Prompt], Folder, Manifest, list[dict[str, Any]], dict[str, dict[str, Any]]]:
     if not cfg.prompts:
         raise ConfigError("no prompt set: pass --prompts PATH or set [teacher_sample] prompts in the recipe")
     prompts = load_prompts(cfg.prompts)
     fingerprint = prompts_fingerprint(prompts)
     prompts = prompts[: cfg.limit]
     folder = Folder(cfg.out or run.artifact_dir("teacher"))
-    manifest, done, failures = _open_output(folder, fingerprint, cfg.model_dump(mode="json"), clean)
-    todo = [p for p in prompts if p.id not in done]
+    if hold is not None:  # a real run: writable, and ours alone until `hold` closes
+        folder.check_folder("--out", write=True)
+        hold.enter_context(folder.locked("`pkd teacher-sample`"))
+    manifest, last, failures = _open_output(folder, fingerprint, cfg.model_dump(mode="json"), clean=hold is not None)
+    retrying = {pid: line for pid, line in last.items() if cfg.retry_failed and line["status"] == "failed" and is_transient(line["error"]["kind"])}
+    todo = [p for p in prompts if p.id not in last or p.id in retrying]
     plan = Plan(
         out=folder.uri, base_url=cfg.base_url, model=cfg.model, prompts=len(prompts), done=len(prompts) - len(todo), todo=len(todo),
         samples=len(todo) * cfg.n, max_completion_tokens=len(todo) * cfg.n * cfg.max_tokens,
         splits=dict(Counter(split_of(p.id, cfg.split_ratios) for p in todo)),
     )  # fmt: skip
-    return plan, todo, folder, manifest, failures
+    return plan, todo, folder, manifest, failures, retrying
 
 
 def plan_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig) -> Plan:
     """Validate everything and count the work; reads the output folder, changes and sends nothing."""
-    return _prepare(cfg, run, clean=False)[0]
+    return _prepare(cfg, run, None)[0]
 
 
 async def _sample_all(todo: list[Prompt], cfg: TeacherSampleConfig, writer: Writer, bar: StepProgress) -> None:
-    teacher = Teacher(cfg, os.environ.get(cfg.api_key_env) or None)
+    teacher = Teacher(cfg, os.environ.get(cfg.api_key_env) or None, first_wave=min(cfg.concurrency, len(todo)))
     queue = iter(todo)  # shared by the workers: each prompt is taken exactly once
 
     async def worker() -> None:
@@ -400,7 +487,7 @@ async def _sample_all(todo: list[Prompt], cfg: TeacherSampleConfig, writer: Writ
                 kinds = ", ".join(f"{k[7:]}: {v}" for k, v in sorted(writer.session.items()) if k.startswith("failed_"))
                 raise FailureBudgetError(
                     f"{writer.session['failed']} prompts failed for good ({kinds}), over the budget of {cfg.max_failures} "
-                    f"(--max-failures); see {writer.folder.where(FAILURES)}. Committed work is kept: fix the cause and rerun to continue"
+                    f"(--max-failures); see {writer.folder.where(FAILURES)}. Committed work is kept: fix the cause and rerun with --retry-failed to continue"
                 )
             await writer.commit_if_due()
 
@@ -414,22 +501,30 @@ async def _sample_all(todo: list[Prompt], cfg: TeacherSampleConfig, writer: Writ
             raise
         raise first from None
     finally:
+        if teacher.capped_waits:
+            writer.session["retry_after_capped"] += teacher.capped_waits
         await teacher.client.close()
 
 
 def run_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig, *, progress: bool = True) -> Summary:
     """Sample the teacher for every prompt not yet in the output folder; resumable at any point."""
     start = time.monotonic()
-    plan, todo, folder, manifest, failures = _prepare(cfg, run, clean=True)
-    manifest.counts["prompts"] = plan.prompts
-    writer = Writer(folder, manifest, failures, cfg.shard_size)
-    if not todo and manifest.complete:
-        return Summary(plan, dict(writer.manifest.counts), {}, time.monotonic() - start)
-    with StepProgress(plan.prompts, done=plan.done, description="teacher-sample", unit="prompts", requests=True, enabled=progress) as bar:
-        try:
-            if todo:
-                asyncio.run(_sample_all(todo, cfg, writer, bar))
-        finally:
-            writer.flush(complete=False)  # whatever was answered is paid for: keep it
-    writer.flush(complete=True)
-    return Summary(plan, dict(writer.manifest.counts), dict(writer.session), time.monotonic() - start)
+    with ExitStack() as hold:
+        plan, todo, folder, manifest, failures, retrying = _prepare(cfg, run, hold)
+        manifest.counts["prompts"] = plan.prompts
+        writer = Writer(folder, manifest, failures, cfg.shard_size, cfg.commit_interval_s, retrying)
+        if not todo and manifest.complete:
+            return Summary(plan, dict(writer.manifest.counts), {}, time.monotonic() - start)
+        with StepProgress(plan.prompts, done=plan.done, description="teacher-sample", unit="prompts", requests=True, enabled=progress) as bar:
+            try:
+                if todo:
+                    asyncio.run(_sample_all(todo, cfg, writer, bar))
+            finally:
+                writer.flush(complete=False)  # whatever was answered is paid for: keep it
+        writer.flush(complete=True)
+        return Summary(plan, dict(writer.manifest.counts), dict(writer.session), time.monotonic() - start)
+
+
+def retryable_failures(counts: dict[str, int]) -> int:
+    """How many of a folder's failed prompts `--retry-failed` would request again."""
+    return sum(v for k, v in counts.items() if k.startswith("failed_") and is_transient(k[len("failed_"):]))

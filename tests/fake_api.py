@@ -5,11 +5,19 @@ attempt)` (attempt = how many times this prompt was asked, from 1) may return a 
 instead of the canned answer; `upstream` forwards everything else to a real server instead, so the
 same object also works as a counting proxy in front of vLLM. With `key`, a request without
 `Authorization: Bearer <key>` gets a 401 that echoes what it sent, as real APIs do.
+
+Fault kinds a script can return: any status with any headers (429 + Retry-After, 5xx, 4xx), a
+body that is not JSON or not a chat completion (`Reply(200, b"...")`), a slow answer
+(`delay_s`, for timeouts), and a connection reset with no answer at all (`Reply(reset=True)`).
+The server is bounded: after `max_requests` requests or `lifetime_s` seconds it stops serving,
+so a test whose client loops forever fails instead of hanging.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -25,6 +33,7 @@ class Reply:
     body: bytes | dict[str, Any] = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    reset: bool = False  # drop the connection with a TCP reset instead of answering
 
 
 def last_user(body: dict[str, Any]) -> str:
@@ -46,8 +55,17 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
 
 
 class FakeAPI:
-    def __init__(self, script: Callable[[dict[str, Any], int], Reply | None] | None = None, *, upstream: str | None = None, delay_s: float = 0.0, key: str | None = None) -> None:
-        self.script, self.upstream, self.delay_s, self.key = script, upstream, delay_s, key
+    def __init__(
+        self,
+        script: Callable[[dict[str, Any], int], Reply | None] | None = None,
+        *,
+        upstream: str | None = None,
+        delay_s: float = 0.0,
+        key: str | None = None,
+        max_requests: int = 2000,
+        lifetime_s: float = 300.0,
+    ) -> None:
+        self.script, self.upstream, self.delay_s, self.key, self.max_requests = script, upstream, delay_s, key, max_requests
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []  # lower-cased names
         self.times: list[float] = []  # time.monotonic() at arrival, parallel to bodies
@@ -65,6 +83,11 @@ class FakeAPI:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 reply = api._handle(body, {k.lower(): v for k, v in self.headers.items()})
+                if reply.reset:  # SO_LINGER 0: close() sends RST, the client sees "connection reset"
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
                 try:
                     self.send_response(reply.status)
@@ -85,6 +108,9 @@ class FakeAPI:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._timer = threading.Timer(lifetime_s, self.server.shutdown)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _handle(self, body: dict[str, Any], headers: dict[str, str]) -> Reply:
         with self._lock:
@@ -93,6 +119,8 @@ class FakeAPI:
             self.times.append(time.monotonic())
             self.attempts[last_user(body)] += 1
             attempt = self.attempts[last_user(body)]
+            if len(self.bodies) > self.max_requests:
+                return Reply(reset=True)  # over budget: a runaway client fails, it does not hang the test
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -119,5 +147,6 @@ class FakeAPI:
             return [last_user(b) for b in self.bodies]
 
     def close(self) -> None:
+        self._timer.cancel()
         self.server.shutdown()
         self.server.server_close()

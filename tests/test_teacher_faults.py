@@ -72,7 +72,12 @@ def test_a_prompt_that_stays_malformed_is_recorded_and_answered_work_kept(tmp_pa
 
 
 def test_a_reset_before_the_first_answer_is_transient(tmp_path: Path) -> None:
-    api = FakeAPI(lambda body, attempt: Reply(reset=True) if last_user(body) == "q0" and attempt <= 2 else None)
+    def script(body: dict, attempt: int) -> Reply | None:
+        if last_user(body) == "q0" and attempt <= 2:
+            return Reply(reset=True)
+        return Reply(200, completion(body), delay_s=0.3)  # q0's resets come before any answer
+
+    api = FakeAPI(script)
     out = tmp_path / "out"
     try:
         result = sample(prompts_file(tmp_path), out, api.url, "--concurrency", "4")

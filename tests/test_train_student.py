@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from transformers import TrainerCallback
 from typer.testing import CliRunner
@@ -100,10 +101,12 @@ def test_corrupted_shard_stops_with_its_name_and_keeps_the_checkpoint(tiny_famil
     last = int(np.random.default_rng([0, 0]).permutation(len(manifest.files))[-1])  # read last in epoch 0
     victim = manifest.files[last].path
     data = bytearray((cache / victim).read_bytes())
-    data[300:2300] = bytes(2000)
+    entries = pq.ParquetFile(cache / victim).metadata.row_group(0).column(6)  # the top-k stream, not read before training
+    assert entries.path_in_schema == "entries.list.element"
+    data[entries.data_page_offset + 40] ^= 0x10  # one bit: only its sha256 can tell
     (cache / victim).write_bytes(bytes(data))
     cfg = config(tiny_family, str(cache), tmp_path / "s", lora=False, shuffle_buffer=1, max_steps=12, save_steps=2)
-    with pytest.raises(IntegrityError, match=victim):
+    with pytest.raises(IntegrityError, match=f"{victim}: sha256"):
         train_student(cfg, RunConfig())  # 2 healthy shards = 32 samples = 8 steps of 4
     ckpt = tmp_path / "s" / "checkpoints" / "checkpoint-8"
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 8

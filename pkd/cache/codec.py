@@ -193,7 +193,7 @@ class TopkCodec:
         levels = (entries >> self._id_bits).astype(np.uint16)  # (N, k) deltas, summed in place:
         for r in range(1, self.k):  # a loop over ranks beats np.cumsum(axis=1) ~3x at k=20
             levels[:, r] += levels[:, r - 1]
-        if self.k > 1 and levels[:, -1].max(initial=0) >= _LP_LEVELS:
+        if levels[:, -1].max(initial=0) >= _LP_LEVELS:  # k = 1 too: its one level must index the grid
             raise CodecError("topk codec: corrupt entries stream (logprob level out of range).")
         logprobs = np.take(self._neg_lp_grid, levels)  # (N, k) unnormalised
         mass = np.exp(logprobs) @ np.ones(self.k, dtype=np.float32)  # (N,) row sums via BLAS

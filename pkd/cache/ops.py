@@ -133,10 +133,58 @@ def verify(folder: Folder, *, decode: bool = True) -> VerifyReport:
     return report
 
 
+# the manifest against its shards (cheap: no full read) ------------------------------------------
+
+
+def check_counts(folder: Folder, manifest: LogitCacheManifest, *, strays: bool = True) -> None:
+    """The manifest's counts must add up to its file list, and (with `strays`) no shard may sit in
+    `data/` unlisted: an entry removed from the list would otherwise silently drop its rows."""
+    where = folder.where("manifest.json")
+    for key, listed in (("rows", manifest.rows), ("tokens", manifest.tokens)):
+        if key in manifest.counts and manifest.counts[key] != listed:
+            raise IntegrityError(f"{where}: counts say {manifest.counts[key]:,} {key}, its file list holds {listed:,}; the manifest was edited or damaged (run `pkd cache verify`)")
+    if manifest.seq_logprob is not None and manifest.seq_logprob.count != manifest.rows:
+        raise IntegrityError(f"{where}: μ/γ were computed over {manifest.seq_logprob.count:,} samples, its file list holds {manifest.rows:,}; the manifest was edited or damaged")
+    if strays:
+        try:
+            present = folder.listdir(SHARD_DIR)
+        except OSError as e:
+            raise IntegrityError(f"{folder.where(SHARD_DIR)}: cannot be listed ({type(e).__name__}: {e})") from None
+        listed_paths = {f.path for f in manifest.files}
+        if unlisted := [p for p in present if p not in listed_paths]:
+            raise IntegrityError(f"{folder.where(unlisted[0])}: a shard the manifest does not list ({len(unlisted)} in all); the manifest was edited or the folder mixes caches (run `pkd cache verify`)")
+
+
+def check_present(folder: Folder, manifest: LogitCacheManifest) -> None:
+    """Every listed shard is there, as a file of the listed size (a stat each, no read)."""
+    for entry in manifest.files:
+        where = folder.where(entry.path)
+        try:
+            size = folder.size(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise IntegrityError(f"{where}: missing (deleted, or {SHARD_DIR}/ is not a folder); run `pkd cache verify`") from None
+        except OSError as e:
+            raise IntegrityError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+        if size != entry.bytes:
+            raise IntegrityError(f"{where}: {size:,} bytes, the manifest says {entry.bytes:,}; the shard is truncated, appended to or replaced (run `pkd cache verify`)")
+
+
+def check_stats(folder: Folder, manifest: LogitCacheManifest) -> None:
+    """μ/γ in the manifest must be those of the shards' `seq_logprob` column (one column read):
+    an edited μ or γ would silently reweight, or zero, every sample."""
+    if manifest.seq_logprob is None:
+        return
+    stats = seq_logprob_stats(iter_column(folder, manifest, "seq_logprob"))
+    m = manifest.seq_logprob
+    if stats.count != m.count or not np.allclose([stats.mu, stats.gamma], [m.mu, m.gamma], rtol=_STATS_RTOL, atol=1e-9):
+        raise IntegrityError(f"{folder.where('manifest.json')}: μ/γ of seq_logprob ({m.mu:.6g}/{m.gamma:.6g} over {m.count:,}) do not match the shards ({stats.mu:.6g}/{stats.gamma:.6g} over {stats.count:,}); the manifest or a shard was edited (run `pkd cache verify`)")
+
+
 # merge -----------------------------------------------------------------------------------------
 
 
 def _require_empty(folder: Folder) -> None:
+    folder.check_folder("destination", write=True)
     if folder.listdir():
         raise StorageError(f"{folder.uri}: destination is not empty; choose a new folder")
 
@@ -191,19 +239,21 @@ def _copy_checked(src: Folder, entry: FileEntry, dst: Folder, dst_rel: str) -> N
 
 
 def copy_cache(src: Folder, dst: Folder) -> tuple[LogitCacheManifest, int]:
-    """Copy a complete cache between locations (push and pull), verified on the way: manifest
-    paths are checked to stay inside `dst`, each file's sha256 is checked while it streams, each
-    copied shard's schema and metadata are checked at the destination, and the manifest comes
-    last. Files already at the destination with the right size and hash are kept (resumable).
-    Returns the manifest and the number of files actually transferred."""
+    """Copy a complete cache between locations (push and pull), verified on the way: the source
+    manifest's counts must match its file list, manifest paths are checked to stay inside `dst`,
+    each file's sha256 is checked while it streams, each copied shard's schema and metadata are
+    checked at the destination, μ/γ are recomputed there, and the manifest comes last. Files
+    already at the destination are hashed: kept if right, copied again if not (resumable, and a
+    second pull repairs a damaged copy). Returns the manifest and the number of files transferred."""
     manifest = read_cache_manifest(src)
     if not manifest.complete:
         raise IntegrityError(f"{src.uri}: cache is incomplete; only complete caches are shared")
+    check_counts(src, manifest, strays=False)
+    dst.check_folder("destination", write=True)
     if dst.has_manifest():
         existing = read_cache_manifest(dst)
-        if existing.complete and existing.files == manifest.files:
-            return existing, 0
-        raise StorageError(f"{dst.uri}: holds a different cache already; choose a new destination")
+        if not (existing.complete and existing.files == manifest.files):
+            raise StorageError(f"{dst.uri}: holds a different cache already; choose a new destination")
     dst.remove_temporaries()
     transferred = 0
     for entry in manifest.files:
@@ -212,6 +262,7 @@ def copy_cache(src: Folder, dst: Folder) -> tuple[LogitCacheManifest, int]:
         _copy_checked(src, entry, dst, entry.path)
         transferred += 1
         check_shard_header(dst, entry.path, open_shard(dst, entry.path), manifest)
-    dst.write_manifest(manifest)
+    check_stats(dst, manifest)
+    if transferred or not dst.has_manifest():
+        dst.write_manifest(manifest)
     return manifest, transferred
-

@@ -71,10 +71,23 @@ def file_metadata(manifest: LogitCacheManifest) -> dict[str, object]:
     }
 
 
+def check_finite(s: LogitSample) -> None:
+    """A NaN or ±inf logprob would poison ℓ, μ/γ and the loss far from its cause: refuse it at
+    the write, naming the sample and the position."""
+    bad = ~np.isfinite(np.asarray(s.token_logprob, np.float64))
+    if bad.any():
+        t = int(np.argmax(bad))
+        raise IntegrityError(f"sample {s.sample_id!r}: token logprob {float(s.token_logprob[t])} at response position {t} is not a finite number; nothing written for this shard (check the proxy's dtype and weights)")
+    top = np.asarray(s.topk_logprobs, np.float64)
+    if np.isnan(top).any() or np.isposinf(top).any():
+        raise IntegrityError(f"sample {s.sample_id!r}: its top-k logprobs hold NaN or +inf; nothing written for this shard (check the proxy's dtype and weights)")
+
+
 def encode_table(samples: list[LogitSample], codec: TopkCodec) -> pa.Table:
     """Samples -> Arrow table of the v1 schema (codec streams sliced per row)."""
     lengths = np.array([s.num_tokens for s in samples], dtype=np.int64)
     for s in samples:
+        check_finite(s)
         if s.topk_ids.shape != (s.num_tokens, codec.k) or s.topk_logprobs.shape != (s.num_tokens, codec.k):
             raise ValueError(f"sample {s.sample_id}: top-k arrays must be ({s.num_tokens}, {codec.k})")
     ids = np.concatenate([s.topk_ids for s in samples]) if samples else np.zeros((0, codec.k), np.int32)
@@ -121,8 +134,10 @@ def write_shard(folder: Folder, rel: str, samples: list[LogitSample], manifest: 
 def open_shard(folder: Folder, rel: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(folder.open(rel))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise IntegrityError(f"{folder.where(rel)}: not a readable Parquet file ({e})") from None
+    except FileNotFoundError:
+        raise IntegrityError(f"{folder.where(rel)}: missing (run `pkd cache verify`)") from None
+    except (pa.ArrowException, OSError) as e:
+        raise IntegrityError(f"{folder.where(rel)}: not a readable Parquet file ({type(e).__name__}: {e}); run `pkd cache verify`") from None
 
 
 def check_shard_header(folder: Folder, rel: str, pf: pq.ParquetFile, manifest: LogitCacheManifest) -> None:
@@ -132,7 +147,10 @@ def check_shard_header(folder: Folder, rel: str, pf: pq.ParquetFile, manifest: L
     if not actual.remove_metadata().equals(expected):
         raise IntegrityError(f"{folder.where(rel)}: schema differs from logit-cache format v{LOGITS_FORMAT_VERSION}: got {actual.remove_metadata()}")
     raw = (actual.metadata or {}).get(FILE_META_KEY)
-    meta = json.loads(raw) if raw else None
+    try:
+        meta = json.loads(raw) if raw else None
+    except ValueError:  # UnicodeDecodeError or JSONDecodeError: a damaged footer
+        raise IntegrityError(f"{folder.where(rel)}: its footer metadata is not readable JSON (the shard is corrupted; run `pkd cache verify`)") from None
     if meta != file_metadata(manifest):
         raise IntegrityError(f"{folder.where(rel)}: file metadata does not match the manifest (codec, vocab or fingerprints differ)")
 
@@ -177,8 +195,11 @@ def iter_samples(folder: Folder, manifest: LogitCacheManifest, batch_rows: int =
 def iter_column(folder: Folder, manifest: LogitCacheManifest, column: str) -> Iterator[np.ndarray]:
     """Stream one scalar column (e.g. seq_logprob) across shards, batch by batch."""
     for entry in manifest.files:
-        for batch in open_shard(folder, entry.path).iter_batches(columns=[column]):
-            yield batch.column(0).to_numpy(zero_copy_only=False)
+        try:
+            for batch in open_shard(folder, entry.path).iter_batches(columns=[column]):
+                yield batch.column(0).to_numpy(zero_copy_only=False)
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise IntegrityError(f"{folder.where(entry.path)}: column {column!r} cannot be read ({type(e).__name__}: {e}); the shard is corrupted (run `pkd cache verify`)") from None
 
 
 def seq_logprob_stats(values: Iterable[np.ndarray]) -> SeqLogprobStats:

@@ -44,22 +44,36 @@ def cache_fingerprint(manifest: LogitCacheManifest) -> str:
 
 
 def _open_cache(uri: str) -> tuple[Folder, LogitCacheManifest]:
+    """The cache's manifest, checked against its shards before any training: its kind, that it is
+    complete, its counts against its file list (and no unlisted shard), every shard present at
+    its size, and μ/γ against the shards' seq_logprob. Each shard's sha256 is checked as the
+    data stream first opens it (pkd.student.data.CacheReader)."""
+    from pkd.cache.ops import check_counts, check_present, check_stats
+
     folder = Folder(uri)
+    if folder.exists("manifest.json"):
+        kind = folder.read_manifest().kind  # the generic model first: a wrong kind is named, not a field list
+        if kind != "logits":
+            raise ManifestError(f"{folder.uri} holds a {kind!r} artifact, not a logit cache: pass the folder `pkd cache-logits` wrote (--cache)")
     manifest = folder.read_manifest(LogitCacheManifest)
-    if not isinstance(manifest, LogitCacheManifest):
-        raise ManifestError(f"{folder.where('manifest.json')}: a {manifest.kind!r} artifact, not a logit cache")
+    assert isinstance(manifest, LogitCacheManifest)
     if not manifest.complete:
         raise ManifestError(f"{folder.where('manifest.json')}: the cache is incomplete (an interrupted `pkd cache-logits`?); finish it first")
+    check_counts(folder, manifest)
+    check_present(folder, manifest)
+    check_stats(folder, manifest)
     return folder, manifest
 
 
 def _resolve(cfg: TrainStudentConfig, run: RunConfig) -> tuple[str, Path, Path]:
     if not cfg.student:
         raise ConfigError("[train_student] student: no student model given (--student DIR)")
+    raw = cfg.out or run.artifact_dir("student")
+    if "://" in raw:  # checked on the string: Path() folds "s3://b/x" into the local "s3:/b/x"
+        raise ConfigError(f"[train_student] out = {raw}: must be a local folder (Trainer writes checkpoints there); train into a local folder and copy the result afterwards")
     student = resolve_model(cfg.student, "student model")
-    out = Path(cfg.out or run.artifact_dir("student"))
-    if "://" in str(out):
-        raise ConfigError(f"[train_student] out = {out}: must be a local folder (Trainer writes checkpoints there); push the result afterwards")
+    out = Path(raw)
+    Folder(str(out)).check_folder("--out", write=True)
     return cfg.cache or run.artifact_dir("logits"), student, out
 
 
@@ -69,16 +83,30 @@ def _config_record(cfg: TrainStudentConfig, seed: int, world: int, streams: int,
     return rec | {"seed": seed, "processes": world, "data_streams": streams, "max_steps": max_steps}
 
 
-def _check_same_run(out: Path, record: dict[str, Any]) -> None:
+def _check_same_run(out: Path, record: dict[str, Any]) -> bool:
+    """Refuse an --out holding a run with other settings; True if the record is still to write
+    (by `_record_run`, once everything else is validated: a refused run leaves nothing behind)."""
     path = out / RUN_CONFIG
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
-        if changed:
-            raise ConfigError(f"{out} holds a run started with different settings ({', '.join(changed)}); use another --out or delete it")
-    else:
+    if not path.is_file():
+        return True
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable run record ({type(e).__name__}); delete it, or use another --out") from None
+    changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
+    if changed:
+        raise ConfigError(f"{out} holds a run started with different settings ({', '.join(changed)}); use another --out or delete it")
+    return False
+
+
+def _record_run(out: Path, record: dict[str, Any]) -> None:
+    from pkd.errors import StorageError
+
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (out / RUN_CONFIG).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        raise StorageError(f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
 
 
 def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None) -> StudentResult:
@@ -134,8 +162,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         if m.complete and m.inputs == inputs and m.config == record:
             report = json.loads((out / "report.json").read_text())
             return StudentResult(out, "up to date", report["steps"], report["tokens"], report["tokens_per_s"], report["final"])
-    if rank == 0:
-        _check_same_run(out, record)
+    to_record = rank == 0 and _check_same_run(out, record)
 
     stream = CacheStream(
         folder,
@@ -160,6 +187,8 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         callbacks=callbacks,
         kd=KDSettings(alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature),
     )
+    if to_record:
+        _record_run(out, record)
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] if last else 0
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pkd.cache.codec import TopkCodec
-from pkd.errors import CompatibilityError, ConfigError, IntegrityError, PkdError
+from pkd.errors import CompatibilityError, ConfigError, IntegrityError, PkdError, StorageError
 from pkd.fingerprint import tokenizer_fingerprint
 from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, open_shard
 from pkd.student.losses import IGNORE_INDEX, sample_weights
@@ -89,12 +90,34 @@ def check_student_compatible(manifest: LogitCacheManifest, tokenizer, model_voca
 
 
 class CacheReader:
-    """Decodes row groups, checking each shard cheaply when first opened (size, header, counts)."""
+    """Decodes row groups, checking each shard when first opened: size, sha256 (streamed, once
+    per shard and process: `verified` may be shared between readers), header and counts. So no
+    row of a shard that `pkd cache verify` would reject reaches the model."""
 
-    def __init__(self, folder: Folder, manifest: LogitCacheManifest) -> None:
+    def __init__(self, folder: Folder, manifest: LogitCacheManifest, verified: set[int] | None = None) -> None:
         self.folder, self.manifest = folder, manifest
         self.codec = TopkCodec.from_spec(manifest.codec)
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self.verified = verified if verified is not None else set()
+        self.hash_s = 0.0  # time spent hashing (bench/train_student.py reports it)
+
+    def _check_bytes(self, s: int) -> None:
+        entry = self.manifest.files[s]
+        where = self.folder.where(entry.path)
+        t0 = time.perf_counter()
+        try:
+            size = self.folder.size(entry.path)
+            digest = self.folder.sha256(entry.path) if size == entry.bytes else None
+        except (FileNotFoundError, NotADirectoryError, StorageError):
+            raise IntegrityError(f"{where}: missing (run `pkd cache verify`)") from None
+        except OSError as e:
+            raise IntegrityError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+        self.hash_s += time.perf_counter() - t0
+        if size != entry.bytes:
+            raise IntegrityError(f"{where}: {size} bytes, the manifest says {entry.bytes}; the shard is truncated or replaced (run `pkd cache verify`)")
+        if digest != entry.sha256:
+            raise IntegrityError(f"{where}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…; the shard is corrupted or was replaced (run `pkd cache verify`)")
+        self.verified.add(s)
 
     def _shard(self, s: int) -> pq.ParquetFile:
         if s in self._open:
@@ -102,8 +125,8 @@ class CacheReader:
             return self._open[s]
         entry = self.manifest.files[s]
         where = self.folder.where(entry.path)
-        if self.folder.size(entry.path) != entry.bytes:
-            raise IntegrityError(f"{where}: {self.folder.size(entry.path)} bytes, the manifest says {entry.bytes}; the shard is truncated or replaced (run `pkd cache verify`)")
+        if s not in self.verified:
+            self._check_bytes(s)
         pf = open_shard(self.folder, entry.path)
         check_shard_header(self.folder, entry.path, pf, self.manifest)
         if pf.metadata.num_rows != entry.rows or pf.metadata.num_row_groups != math.ceil(entry.rows / ROW_GROUP_ROWS):
@@ -200,6 +223,8 @@ class CacheStream(IterableDataset):
         self.rank, self.world_size, self.uniform_weights = rank, world_size, uniform_weights
         self.pad_id, self.pad_multiple = pad_id, pad_multiple
         self.start_batch = 0
+        self.verified: set[int] = set()  # shards whose sha256 this process has checked
+        self.readers: list[CacheReader] = []  # for the integrity check's cost (hash_s)
 
     def _weight(self, s: LogitSample) -> float:
         if self.uniform_weights:
@@ -215,7 +240,8 @@ class CacheStream(IterableDataset):
             done[g].add(row)
             if len(done[g]) == self.groups[g].rows:
                 del done[g]
-        reader = CacheReader(self.folder, self.manifest)
+        reader = CacheReader(self.folder, self.manifest, self.verified)
+        self.readers.append(reader)
         decoded: dict[int, dict[int, LogitSample]] = {}
         for g, row in keys:
             if g not in decoded:

@@ -265,10 +265,16 @@ def _validation_problem(e: ValidationError, source: str) -> ConfigError:
 def load_recipe(path: str | Path | None = None) -> Recipe:
     """Read and validate a recipe file (the embedded toy recipe when `path` is None)."""
     path = Path(path) if path is not None else DEFAULT_RECIPE
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a recipe file (pass a .toml file, e.g. recipes/toy.toml)")
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a recipe is a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:

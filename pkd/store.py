@@ -28,6 +28,18 @@ _CHUNK = 1 << 20
 TMP_MARK = ".tmp-"
 
 
+def storage_fs(uri: str, **storage_options: Any) -> tuple[Any, str]:
+    """fsspec's (filesystem, path) for a URI; an unknown or uninstalled protocol is a StorageError."""
+    try:
+        return url_to_fs(uri, **storage_options)
+    except ImportError:
+        raise StorageError(_backend_hint(uri)) from None
+    except ValueError as e:
+        if "not known" in str(e):
+            raise StorageError(_backend_hint(uri)) from None
+        raise StorageError(f"{uri}: {e}") from None
+
+
 def _backend_hint(uri: str) -> str:
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     known = known_implementations.get(protocol)
@@ -41,14 +53,7 @@ class Folder:
 
     def __init__(self, uri: str, **storage_options: Any) -> None:
         self.uri = str(uri).rstrip("/") or "/"
-        try:
-            self.fs, self.root = url_to_fs(self.uri, **storage_options)
-        except ImportError:
-            raise StorageError(_backend_hint(self.uri)) from None
-        except ValueError as e:
-            if "Protocol not known" in str(e) or "not known" in str(e):
-                raise StorageError(_backend_hint(self.uri)) from None
-            raise StorageError(f"{self.uri}: {e}") from None
+        self.fs, self.root = storage_fs(self.uri, **storage_options)
         self.root = self.root.rstrip("/") or "/"
 
     def __repr__(self) -> str:
@@ -110,8 +115,10 @@ class Folder:
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
         try:
             return self.fs.open(self.path(rel), mode)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise StorageError(f"{self.where(rel)}: file not found") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self.where(rel)}: is a folder, not a file") from None
 
     def read_bytes(self, rel: str) -> bytes:
         with self.open(rel) as f:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pkd.cache.codec import TopkCodec
-from pkd.errors import CompatibilityError, IntegrityError, PkdError, StorageError
+from pkd.errors import CompatibilityError, IntegrityError, ManifestError, PkdError, StorageError
 from pkd.cache.shards import (
     SHARD_DIR,
     check_compatible,
@@ -30,8 +30,11 @@ _LOGPROB_SLACK = 1e-3  # logprobs may exceed 0 by rounding only
 
 
 def read_cache_manifest(folder: Folder) -> LogitCacheManifest:
-    manifest = folder.read_manifest(LogitCacheManifest)
-    assert isinstance(manifest, LogitCacheManifest)
+    """The folder's logit-cache manifest; another artifact's is named as such, not as a list of
+    fields a cache manifest would need."""
+    manifest = folder.read_manifest()  # the generic model, which parses a "logits" kind as a cache
+    if not isinstance(manifest, LogitCacheManifest):
+        raise ManifestError(f"{folder.uri} holds a {manifest.kind!r} artifact, not a logit cache: pass a folder written by `pkd cache-logits`")
     return manifest
 
 
@@ -126,6 +129,10 @@ def verify(folder: Folder, *, decode: bool = True) -> VerifyReport:
             report.problems.append(str(e))
     listed = {f.path for f in manifest.files}
     report.problems += [f"{folder.where(p)}: not listed in the manifest (stray or uncommitted file)" for p in folder.listdir(SHARD_DIR) if p not in listed]
+    try:
+        check_counts(folder, manifest, strays=False)
+    except IntegrityError as e:
+        report.problems.append(str(e))
     if manifest.complete and not report.problems and manifest.seq_logprob is not None:
         stats = seq_logprob_stats(iter_column(folder, manifest, "seq_logprob"))
         if stats.count != manifest.seq_logprob.count or not np.allclose([stats.mu, stats.gamma], [manifest.seq_logprob.mu, manifest.seq_logprob.gamma], rtol=_STATS_RTOL, atol=1e-9):

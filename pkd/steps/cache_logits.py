@@ -223,6 +223,7 @@ def _differences(old: Any, new: Any, name: str) -> list[str]:
 def open_existing(folder: Folder, header: LogitCacheManifest) -> LogitCacheManifest | None:
     """The cache already in `folder` if it was made from the same inputs and settings (None if
     the folder holds none); anything else there is an error naming what differs."""
+    folder.check_folder("--out", write=False)
     if not folder.has_manifest():
         foreign = [p for p in folder.listdir() if not p.startswith(SHARD_DIR + "/") and TMP_MARK not in p]
         if foreign:
@@ -289,6 +290,7 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
         counts = {k: v for k, v in existing.counts.items() if k not in ("rows", "tokens")}
         return Summary(folder.uri, existing, counts, elapsed_s=time.monotonic() - start)
 
+    folder.check_folder("--out", write=True)  # before the proxy loads, not at the first shard
     writer = LogitCacheWriter(folder, header, shard_rows=cfg.shard_rows, part=index)
     done = writer.committed_ids()
     todo, counts = select(samples, cfg, tokenizer, done)

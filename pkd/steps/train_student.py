@@ -48,15 +48,10 @@ def _open_cache(uri: str) -> tuple[Folder, LogitCacheManifest]:
     complete, its counts against its file list (and no unlisted shard), every shard present at
     its size, and μ/γ against the shards' seq_logprob. Each shard's sha256 is checked as the
     data stream first opens it (pkd.student.data.CacheReader)."""
-    from pkd.cache.ops import check_counts, check_present, check_stats
+    from pkd.cache.ops import check_counts, check_present, check_stats, read_cache_manifest
 
     folder = Folder(uri)
-    if folder.exists("manifest.json"):
-        kind = folder.read_manifest().kind  # the generic model first: a wrong kind is named, not a field list
-        if kind != "logits":
-            raise ManifestError(f"{folder.uri} holds a {kind!r} artifact, not a logit cache: pass the folder `pkd cache-logits` wrote (--cache)")
-    manifest = folder.read_manifest(LogitCacheManifest)
-    assert isinstance(manifest, LogitCacheManifest)
+    manifest = read_cache_manifest(folder)
     if not manifest.complete:
         raise ManifestError(f"{folder.where('manifest.json')}: the cache is incomplete (an interrupted `pkd cache-logits`?); finish it first")
     check_counts(folder, manifest)

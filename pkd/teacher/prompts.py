@@ -94,7 +94,8 @@ def _jsonl_records(path: str) -> Iterator[tuple[Any, str]]:
             try:
                 yield json.loads(line), where
             except json.JSONDecodeError as e:
-                raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                msg = e.msg.removesuffix(" at")  # e.g. "Invalid control character at"
+                raise InputError(f"{where}: invalid JSON ({msg} at column {e.colno})") from None
 
 
 def _table_records(rows: Iterator[dict[str, Any]], path: str) -> Iterator[tuple[Any, str]]:
@@ -129,9 +130,9 @@ def _dataset_rows(path: str) -> Iterator[dict[str, Any]]:
 
 def load_prompts(path: str) -> list[Prompt]:
     """Read and validate a prompt set; duplicate ids are an error naming both places."""
-    import fsspec
+    from pkd.store import storage_fs
 
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = storage_fs(path)
     if fs.isdir(root):
         records = _table_records(_dataset_rows(path), path)
     elif not fs.exists(root):

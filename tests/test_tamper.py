@@ -1,0 +1,206 @@
+"""Tampered logit caches: deleted, truncated, appended, swapped and same-size-rewritten shards,
+seeded single-bit flips anywhere in a shard, `data/` replaced by a file, and manifest edits
+(counts, μ/γ, entries, sha256). `pkd cache verify`, `pkd cache pull` and `pkd train-student` must
+each refuse every case, in one line, with no traceback; the untouched cache passes all three."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner, Result
+
+from pkd.cache.codec import TopkCodec
+from pkd.cache.ops import read_cache_manifest
+from pkd.cache.shards import decode_batch, open_shard, write_shard
+from pkd.cli import app
+from pkd.store import Folder
+
+FLIPS = 16
+
+
+def _manifest_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(cache: Path) -> None:
+        m = json.loads((cache / "manifest.json").read_text())
+        edit(m)
+        (cache / "manifest.json").write_text(json.dumps(m, indent=2))
+
+    return apply
+
+
+def _shards(cache: Path) -> list[Path]:
+    return [cache / f["path"] for f in json.loads((cache / "manifest.json").read_text())["files"]]
+
+
+def _delete(cache: Path) -> None:
+    _shards(cache)[1].unlink()
+
+
+def _truncate(cache: Path) -> None:
+    p = _shards(cache)[1]
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+def _append(cache: Path) -> None:
+    p = _shards(cache)[0]
+    p.write_bytes(p.read_bytes() + b"\0" * 16)
+
+
+def _swap(cache: Path) -> None:
+    a, b = _shards(cache)[:2]
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
+
+
+def _data_is_a_file(cache: Path) -> None:
+    shutil.rmtree(cache / "data")
+    (cache / "data").write_text("not a folder")
+
+
+def _rewrite_same_size(cache: Path) -> None:
+    """A well-formed shard with other numbers, exactly the size of the one it replaces."""
+    folder = Folder(str(cache))
+    manifest = read_cache_manifest(folder)
+    entry = manifest.files[2]
+    samples = [s for b in open_shard(folder, entry.path).iter_batches() for s in decode_batch(b, TopkCodec.from_spec(manifest.codec))]
+    for attempt in range(1, 400):
+        changed = [s for s in samples]
+        s = changed[attempt % len(changed)]
+        s.token_logprob = s.token_logprob.copy()
+        s.token_logprob[0] = np.float32(s.token_logprob[0] - 1e-3 * attempt)
+        rewritten = write_shard(Folder(str(cache / "tmp")), "x.parquet", changed, manifest, TopkCodec.from_spec(manifest.codec))
+        if rewritten.bytes == entry.bytes and rewritten.sha256 != entry.sha256:
+            shutil.move(cache / "tmp" / "x.parquet", cache / entry.path)
+            shutil.rmtree(cache / "tmp")
+            return
+    raise AssertionError("found no same-size rewrite")
+
+
+def _flip(seed: int) -> Callable[[Path], None]:
+    def apply(cache: Path) -> None:
+        rng = np.random.default_rng(seed)
+        shards = _shards(cache)
+        p = shards[int(rng.integers(len(shards)))]
+        data = bytearray(p.read_bytes())
+        data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+        p.write_bytes(bytes(data))
+
+    return apply
+
+
+def _drop_entry(consistent: bool) -> Callable[[Path], None]:
+    def edit(m: dict) -> None:
+        gone = m["files"].pop(1)
+        if consistent:  # counts made to agree with the shorter list: only the unlisted shard tells
+            m["counts"]["rows"] -= gone["rows"]
+            m["counts"]["tokens"] -= gone["tokens"]
+            m["seq_logprob"]["count"] -= gone["rows"]
+
+    return _manifest_edit(edit)
+
+
+def _set(path: str, value: Callable[[object], object]) -> Callable[[Path], None]:
+    def edit(m: dict) -> None:
+        *head, last = path.split(".")
+        node = m
+        for key in head:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value(node[last])
+
+    return _manifest_edit(edit)
+
+
+CASES: dict[str, Callable[[Path], None]] = {
+    "deleted shard": _delete,
+    "truncated shard": _truncate,
+    "appended shard": _append,
+    "swapped shards": _swap,
+    "same-size rewritten shard": _rewrite_same_size,
+    "data/ is a file": _data_is_a_file,
+    **{f"bit flip {seed}": _flip(seed) for seed in range(FLIPS)},
+    "counts.rows edited": _set("counts.rows", lambda v: v + 1),
+    "counts.tokens edited": _set("counts.tokens", lambda v: v - 5),
+    "μ edited": _set("seq_logprob.mu", lambda v: v + 0.5),
+    "γ edited": _set("seq_logprob.gamma", lambda v: v * 1e-6),
+    "entry removed": _drop_entry(consistent=False),
+    "entry removed, counts adjusted": _drop_entry(consistent=True),
+    "entry sha256 edited": _set("files.0.sha256", lambda v: ("0" if v[0] != "0" else "1") + v[1:]),
+    "entry rows edited": _set("files.2.rows", lambda v: v - 1),
+}
+
+
+def _one_line(result: Result) -> str:
+    lines = [x for x in result.output.splitlines() if x.startswith(("error:", "bad "))]
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert lines and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.fixture
+def tampered(scored_cache: str, tmp_path: Path) -> Callable[[str], Path]:
+    def make(case: str) -> Path:
+        cache = tmp_path / case.replace(" ", "_").replace("/", "")
+        shutil.copytree(scored_cache, cache)
+        if case != "untouched":
+            CASES[case](cache)
+        return cache
+
+    return make
+
+
+def test_verify_and_pull_refuse_every_tampered_cache(tampered: Callable[[str], Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    clean = tampered("untouched")
+    assert runner.invoke(app, ["cache", "verify", str(clean)]).exit_code == 0
+    assert runner.invoke(app, ["cache", "pull", str(clean), str(tmp_path / "pulled-clean")]).exit_code == 0
+    caught = {"verify": 0, "pull": 0}
+    for case in CASES:
+        cache = tampered(case)
+        verify = runner.invoke(app, ["cache", "verify", str(cache)])
+        assert verify.exit_code != 0, f"verify passed {case}"
+        _one_line(verify)
+        caught["verify"] += 1
+        pull = runner.invoke(app, ["cache", "pull", str(cache), str(tmp_path / f"pulled-{caught['pull']}")])
+        assert pull.exit_code != 0, f"pull took {case}: {pull.output}"
+        _one_line(pull)
+        caught["pull"] += 1
+    print(f"tampered caches caught: {caught} of {len(CASES)}")
+
+
+def test_pull_into_a_damaged_copy_repairs_it(scored_cache: str, tmp_path: Path) -> None:
+    runner, dst = CliRunner(), tmp_path / "copy"
+    assert runner.invoke(app, ["cache", "pull", scored_cache, str(dst)]).exit_code == 0
+    _flip(3)(dst)
+    _delete(dst)
+    again = runner.invoke(app, ["cache", "pull", scored_cache, str(dst)])
+    assert again.exit_code == 0 and "2 of 3 files transferred" in again.output, again.output
+    assert runner.invoke(app, ["cache", "verify", str(dst)]).exit_code == 0
+    assert "0 of 3 files transferred" in runner.invoke(app, ["cache", "pull", scored_cache, str(dst)]).output
+
+
+@pytest.mark.slow
+def test_train_student_refuses_every_tampered_cache(tampered: Callable[[str], Path], tiny_family, tmp_path: Path) -> None:
+    runner = CliRunner()
+
+    def train(cache: Path, out: Path) -> Result:
+        # 48 rows in 3 shards, 16 per batch, 3 steps: one epoch opens every shard
+        args = ["train-student", "--cache", str(cache), "--student", str(tiny_family.student), "--out", str(out), "--full", "--max-steps", "3",
+                "--batch-size", "16", "--max-length", "48", "--precision", "fp32", "--save-steps", "100", "--set", "train_student.shuffle_buffer=1"]  # fmt: skip
+        return runner.invoke(app, args)
+
+    ok = train(tampered("untouched"), tmp_path / "student-ok")
+    assert ok.exit_code == 0 and "trained" in ok.output, ok.output
+    refused = 0
+    for i, case in enumerate(CASES):
+        out = tmp_path / f"student-{i}"
+        result = train(tampered(case), out)
+        assert result.exit_code != 0, f"train-student trained on {case}: {result.output}"
+        _one_line(result)
+        assert not (out / "manifest.json").exists() and not (out / "model").exists()
+        refused += 1
+    print(f"train-student refused {refused} of {len(CASES)} tampered caches")

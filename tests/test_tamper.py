@@ -135,7 +135,8 @@ CASES: dict[str, Callable[[Path], None]] = {
 
 
 def _one_line(result: Result) -> str:
-    lines = [x for x in result.output.splitlines() if x.startswith(("error:", "bad "))]
+    # a progress bar may precede the message on its line (it ends in "\r", not "\n")
+    lines = [x[x.index("error: ") :] if "error: " in x else x for x in result.output.splitlines() if "error: " in x or x.startswith("bad ")]
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert lines and "Traceback" not in result.output, result.output
     return lines[0]

@@ -45,8 +45,8 @@ def cache_fingerprint(manifest: LogitCacheManifest) -> str:
 
 def _open_cache(uri: str) -> tuple[Folder, LogitCacheManifest]:
     """The cache's manifest, checked against its shards before any training: its kind, that it is
-    complete, its counts against its file list (and no unlisted shard), every shard present at
-    its size, and μ/γ against the shards' seq_logprob. Each shard's sha256 is checked as the
+    complete, every shard present at its size, its counts against its file list (and no unlisted
+    shard), and μ/γ against the shards' seq_logprob. Each shard's sha256 is checked as the
     data stream first opens it (pkd.student.data.CacheReader)."""
     from pkd.cache.ops import check_counts, check_present, check_stats, read_cache_manifest
 
@@ -54,8 +54,8 @@ def _open_cache(uri: str) -> tuple[Folder, LogitCacheManifest]:
     manifest = read_cache_manifest(folder)
     if not manifest.complete:
         raise ManifestError(f"{folder.where('manifest.json')}: the cache is incomplete (an interrupted `pkd cache-logits`?); finish it first")
-    check_counts(folder, manifest)
     check_present(folder, manifest)
+    check_counts(folder, manifest)
     check_stats(folder, manifest)
     return folder, manifest
 

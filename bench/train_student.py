@@ -15,7 +15,9 @@ RSS (and on GPU torch.cuda.max_memory_allocated) is its own:
 All variants train LoRA (r = 16) on a random-init Llama; the cache holds random top-k over the
 full vocabulary (its values do not change the work). Tokens/s counts input tokens per median step
 after `--warmup`, best of `--rounds` interleaved runs (a shared CPU's neighbours add noise). Targets: proxy-kd ≥ 0.85× SFT tokens/s, peak memory ≤ 1.15× SFT (GPU: ≤ 1.10×),
-≥ 1.5× online-KD tokens/s.
+≥ 1.5× online-KD tokens/s. The cache variants also time train-student's integrity check (the
+manifest against its shards before training, each shard's sha256 as first opened): target
+≤ 3% of the training time (`integrity_share`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
         cfg = SFTConfig(**common, max_length=a.seq, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Clock()])
     else:
+        from pkd.cache.ops import check_counts, check_present, check_stats
+
+        tick = time.perf_counter()  # what pkd.steps.train_student._open_cache runs before training
+        check_present(folder, manifest)
+        check_counts(folder, manifest)
+        check_stats(folder, manifest)
+        checked_s = time.perf_counter() - tick
         stream = CacheStream(folder, manifest, batch_size=a.batch, max_length=a.seq, shuffle_buffer=64, pad_multiple=8 if cuda else 1)
         kd = KDSettings(alpha=0.0 if variant == "kd-alpha0" else 1.0)
         cls = ProxyKDTrainer
@@ -133,7 +142,10 @@ def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
         trainer = cls(model=model, args=TrainingArguments(**common, remove_unused_columns=False), train_dataset=stream, processing_class=tok, callbacks=[Clock()], kd=kd)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    tick = time.perf_counter()
     trainer.train()
+    train_s = time.perf_counter() - tick
+    integrity_s = checked_s + sum(r.hash_s for r in stream.readers) if variant not in ("hf-sft", "trl-sft") else None
     steps = np.diff(np.array(stamps[a.warmup - 1 :]), axis=0)  # (timed, 2) wall and CPU seconds
     step_s, cpu_step_s = np.median(steps, axis=0).tolist()  # medians resist other processes' bursts
     return {
@@ -145,6 +157,8 @@ def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
         "cpu_step_s": cpu_step_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "train_s": train_s,
+        "integrity_s": integrity_s,  # startup checks + sha256 of every shard opened
     }
 
 
@@ -166,7 +180,9 @@ def table(results: list[dict], a: argparse.Namespace) -> dict:
     kd = by["proxy-kd"]
     checks = {f"throughput_vs_{v}": kd[rate] / by[v][rate] for v in ("hf-sft", "trl-sft", "kd-alpha0", "online-kd") if v in by}
     checks |= {f"memory_vs_{v}": kd[mem] / by[v][mem] for v in ("hf-sft", "trl-sft", "kd-alpha0") if v in by}
-    t.caption = f"proxy-kd ratios by {rate}: " + ", ".join(f"{k} {v:.2f}" for k, v in checks.items())
+    checks["integrity_share"] = kd["integrity_s"] / kd["train_s"]
+    t.caption = f"proxy-kd ratios by {rate}: " + ", ".join(f"{k} {v:.2f}" for k, v in checks.items() if k != "integrity_share")
+    t.caption += f"; integrity check {kd['integrity_s'] * 1e3:.1f} ms = {100 * checks['integrity_share']:.2f}% of {kd['train_s']:.1f} s training (target ≤ 3%)"
     Console(width=140).print(t)
     return checks
 

@@ -129,3 +129,11 @@ def test_tail_kl_by_hand() -> None:
     # A decoded top-k summing past 1 is renormalised (tail clipped), so KL stays >= 0.
     over = np.log(np.array([[0.7, 0.4]]))
     assert topk_tail_kl(ref, over)[0] > 0
+
+
+def test_corrupt_k1_stream_is_a_codec_error() -> None:
+    codec = TopkCodec(k=1, vocab_size=1000)
+    streams = codec.encode(np.array([[5], [7]]), np.array([[-0.1], [-2.0]], np.float32))
+    streams["entries"] = streams["entries"] | np.uint32(0xFFC00000)  # every level bit set: past the grid
+    with pytest.raises(CodecError, match="corrupt entries stream"):
+        codec.decode(streams, 2)

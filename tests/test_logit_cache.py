@@ -85,3 +85,22 @@ def test_resume_refuses_a_different_cache(tmp_path) -> None:
     write_cache(str(tmp_path), make_samples(5, k=4), shard_rows=2)
     with pytest.raises(ManifestError, match="different tokenizer_fingerprint"):
         LogitCacheWriter(Folder(str(tmp_path)), header(k=4, tokenizer_fp="tok-other"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_token_logprob_is_refused_at_the_write(tmp_path, bad) -> None:
+    from pkd.errors import IntegrityError
+
+    samples = make_samples(6, k=4)
+    samples[4].token_logprob = samples[4].token_logprob.copy()
+    samples[4].token_logprob[1] = bad
+    folder = Folder(str(tmp_path / "c"))
+    writer = LogitCacheWriter(folder, header(k=4), shard_rows=3)
+    for s in samples[:3]:
+        writer.add(s)  # one committed shard: kept
+    with pytest.raises(IntegrityError, match=f"sample {samples[4].sample_id!r}: token logprob .* at response position 1 is not a finite number"):
+        for s in samples[3:]:
+            writer.add(s)
+        writer.close()
+    m = folder.read_manifest(LogitCacheManifest)
+    assert not m.complete and len(m.files) == 1 and m.rows == 3

@@ -93,6 +93,16 @@ def _flip(seed: int) -> Callable[[Path], None]:
     return apply
 
 
+def _footer_flip(cache: Path) -> None:
+    """One bit of the footer's pkd metadata (the JSON naming codec and fingerprints), made into a
+    byte that is not UTF-8."""
+    p = _shards(cache)[0]
+    data = bytearray(p.read_bytes())
+    at = data.rindex(b"tokenizer_fingerprint")
+    data[at + 3] |= 0x80
+    p.write_bytes(bytes(data))
+
+
 def _drop_entry(consistent: bool) -> Callable[[Path], None]:
     def edit(m: dict) -> None:
         gone = m["files"].pop(1)
@@ -122,6 +132,7 @@ CASES: dict[str, Callable[[Path], None]] = {
     "swapped shards": _swap,
     "same-size rewritten shard": _rewrite_same_size,
     "data/ is a file": _data_is_a_file,
+    "footer metadata bit flip": _footer_flip,
     **{f"bit flip {seed}": _flip(seed) for seed in range(FLIPS)},
     "counts.rows edited": _set("counts.rows", lambda v: v + 1),
     "counts.tokens edited": _set("counts.tokens", lambda v: v - 5),

@@ -199,10 +199,10 @@ def test_pull_into_a_damaged_copy_repairs_it(scored_cache: str, tmp_path: Path) 
 def test_train_student_refuses_every_tampered_cache(tampered: Callable[[str], Path], tiny_family, tmp_path: Path) -> None:
     runner = CliRunner()
 
-    def train(cache: Path, out: Path) -> Result:
+    def train(cache: Path, out: Path, *extra: str) -> Result:
         # 48 rows in 3 shards, 16 per batch, 3 steps: one epoch opens every shard
         args = ["train-student", "--cache", str(cache), "--student", str(tiny_family.student), "--out", str(out), "--full", "--max-steps", "3",
-                "--batch-size", "16", "--max-length", "48", "--precision", "fp32", "--save-steps", "100", "--set", "train_student.shuffle_buffer=1"]  # fmt: skip
+                "--batch-size", "16", "--max-length", "48", "--precision", "fp32", "--save-steps", "100", "--set", "train_student.shuffle_buffer=1", *extra]  # fmt: skip
         return runner.invoke(app, args)
 
     ok = train(tampered("untouched"), tmp_path / "student-ok")
@@ -216,3 +216,5 @@ def test_train_student_refuses_every_tampered_cache(tampered: Callable[[str], Pa
         assert not (out / "manifest.json").exists() and not (out / "model").exists()
         refused += 1
     print(f"train-student refused {refused} of {len(CASES)} tampered caches")
+    in_worker = train(tampered("bit flip 0"), tmp_path / "student-worker", "--workers", "1")  # the check runs in a DataLoader process
+    assert in_worker.exit_code != 0 and "sha256" in _one_line(in_worker) and "Original Traceback" not in in_worker.output

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pkd.config import RunConfig, TrainStudentConfig
-from pkd.errors import ConfigError, ManifestError
+from pkd.errors import ConfigError, ManifestError, PkdError
 from pkd.fingerprint import files_fingerprint, sha256_file
 from pkd.models.resolve import resolve_model
 from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
@@ -187,7 +187,10 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] if last else 0
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except PkdError as e:
+        raise _unwrapped(e) from None
     elapsed = time.perf_counter() - t0
     state = trainer.state
     tokens = sum(int(h.get("tokens", 0)) for h in state.log_history)
@@ -199,6 +202,17 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         if trainer.is_world_process_zero():
             _write_outputs(out, result, state.log_history, inputs, record, manifest)
     return result
+
+
+def _unwrapped(e: PkdError) -> PkdError:
+    """A DataLoader worker's error comes back as the same type around the worker's traceback
+    text ("Caught IntegrityError in DataLoader worker process 0. Original Traceback ..."): keep
+    the one line the user needs."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = text.rstrip().splitlines()[-1]
+    return type(e)(last.split(f"{type(e).__name__}: ", 1)[-1])
 
 
 def _has(module: str) -> bool:

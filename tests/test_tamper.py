@@ -157,6 +157,7 @@ def _one_line(result: Result) -> str:
 def tampered(scored_cache: str, tmp_path: Path) -> Callable[[str], Path]:
     def make(case: str) -> Path:
         cache = tmp_path / case.replace(" ", "_").replace("/", "")
+        shutil.rmtree(cache, ignore_errors=True)
         shutil.copytree(scored_cache, cache)
         if case != "untouched":
             CASES[case](cache)

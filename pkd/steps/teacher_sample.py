@@ -45,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 
 from pkd.config import RunConfig, TeacherSampleConfig
-from pkd.errors import ConfigError, EndpointError, FailureBudgetError, InputError, PkdError
+from pkd.errors import ConfigError, EndpointError, FailureBudgetError, InputError, PkdError, StorageError
 from pkd.progress import StepProgress
 from pkd.teacher.prompts import Prompt, load_prompts, prompts_fingerprint
 from pkd.records import FileEntry, Manifest
@@ -380,7 +380,10 @@ class Writer:
     def _put(self, rel: str, data: bytes, rows: int) -> FileEntry:
         import hashlib
 
-        self.folder.write_bytes(rel, data)
+        try:
+            self.folder.write_bytes(rel, data)
+        except OSError as e:  # the folder was writable at the start: a full disk, a remount, ...
+            raise StorageError(f"cannot write {self.folder.where(rel)} ({type(e).__name__}: {e.strerror or e}); what is committed is kept: free the space and rerun to continue") from None
         return FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=rows)
 
 

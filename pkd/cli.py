@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pkd import __version__
+from pkd.console import step_console, terminal
 from pkd.errors import PkdError
 
 console = Console(soft_wrap=True)
@@ -53,6 +54,7 @@ app.add_typer(recipe_app, name="recipe")
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).")]
 CacheURI = Annotated[str, typer.Argument(help="Cache folder: a local path or an fsspec URI (s3://, hf://, memory://, ...).")]
+VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.")]
 
 
 @app.callback()
@@ -89,6 +91,7 @@ def teacher_sample(
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, count prompts and requests, print the plan; send nothing.")] = False,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Sample the teacher API for every prompt into Parquet shards; resumable, exactly once per sample."""
     from pkd.config import resolve_recipe
@@ -108,7 +111,8 @@ def teacher_sample(
         console.print(f"  prompts {p.prompts:,} ({p.done:,} already done); {p.todo:,} requests for {p.samples:,} samples, at most {p.max_completion_tokens:,} completion tokens; splits: {splits or '-'}")
         console.print("  dry run: nothing sent")
         return
-    s = run_teacher_sample(r.teacher_sample, r.run)
+    with step_console("teacher-sample", r.teacher_sample.out or r.run.artifact_dir("teacher"), verbose=verbose):
+        s = run_teacher_sample(r.teacher_sample, r.run)
     c, now = s.counts, s.session
     if not now:
         console.print(f"[green]nothing to do[/] {s.plan.out}: all {s.plan.prompts:,} prompts already sampled ({c.get('samples', 0):,} samples)")
@@ -161,8 +165,10 @@ def proxy_align(
     logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.")] = None,
     seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Align the proxy to the teacher: warm-up SFT on D_w, then K rounds of DPO + NLL; resumable."""
     from pkd.align.report import table
@@ -176,9 +182,11 @@ def proxy_align(
         rounds=rounds, chunk_size=chunk_size, beta=beta, engine=engine, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
         precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
+        report_to=report_to,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "proxy_align", flags)
-    s = run_proxy_align(r, say=lambda msg: err_console.print(escape(msg), highlight=False))
+    with step_console("proxy-align", r.proxy_align.out or r.run.artifact_dir("proxy"), verbose=verbose):
+        s = run_proxy_align(r, say=lambda msg: terminal().print(escape(msg), highlight=False), progress=True)
     if as_json:
         console.print_json(json.dumps(s.report))
         return
@@ -213,10 +221,11 @@ def cache_logits(
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.")] = None,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Score the teacher's responses with the proxy into the logit cache (top-k per position, ℓ, μ/γ); resumable."""
     from pkd.config import resolve_recipe
-    from pkd.steps.cache_logits import run_cache_logits
+    from pkd.steps.cache_logits import default_out, run_cache_logits
 
     flags = dict(
         proxy=proxy, teacher=teacher, model=model, adapter=adapter, no_adapter=no_adapter, student=student, out=out, split=split, k=k,
@@ -225,7 +234,8 @@ def cache_logits(
         tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "cache_logits", flags)
-    s = run_cache_logits(r.cache_logits, r.run)
+    with step_console("cache-logits", r.cache_logits.out or default_out(r.run, *r.cache_logits.part_index), verbose=verbose):
+        s = run_cache_logits(r.cache_logits, r.run)
     m = s.manifest
     if not s.scored:
         console.print(f"[green]nothing to do[/] {s.out}: the cache is complete ({m.rows:,} samples, {m.tokens:,} tokens)")
@@ -275,7 +285,9 @@ def train_student(
     save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Distil the logit cache into the student (Proxy-KD); resumes from the last checkpoint in --out."""
     from pkd.config import resolve_recipe
@@ -285,10 +297,11 @@ def train_student(
         cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights,
         lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
         epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
-        dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed,
+        dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed, report_to=report_to,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "train_student", flags)
-    res = run_train_student(r.train_student, r.run)
+    with step_console("train-student", r.train_student.out or r.run.artifact_dir("student"), verbose=verbose):
+        res = run_train_student(r.train_student, r.run, progress=True)
     if os.environ.get("RANK", "0") != "0":
         return
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
@@ -313,6 +326,7 @@ def evaluate(
     out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Score a model on held-out teacher samples: NLL per token, top-1 agreement, exact match."""
     from pkd.config import resolve_recipe
@@ -320,7 +334,8 @@ def evaluate(
 
     flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out)
     r = resolve_recipe(recipe, assign, "eval", flags)
-    report = run_evaluate(r.eval, r.run)
+    with step_console("eval", str(Path(r.eval.out).with_suffix("")) if r.eval.out else r.run.artifact_dir("eval"), verbose=verbose):
+        report = run_evaluate(r.eval, r.run, progress=True)
     if as_json:
         console.print_json(json.dumps(report))
         return

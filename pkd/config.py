@@ -75,6 +75,32 @@ class TeacherSampleConfig(Section):
         return check_ratios(v)
 
 
+def _tracker_names(v: str | list[str] | None) -> list[str] | None:
+    """`report_to` as a list: "wandb,mlflow" and ["wandb", "mlflow"] both work."""
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    return v
+
+
+def report_to(names: list[str] | None, key: str) -> list[str]:
+    """Trackers for Trainer's `report_to`: any integration transformers supports (none, tensorboard,
+    wandb, mlflow, trackio, ...), checked here so that a typo or a missing package is one line
+    naming `key`; by default tensorboard when it is installed, else none."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    if names is None:
+        return ["tensorboard"] if "tensorboard" in available else ["none"]
+    if names in (["none"], ["all"]):
+        return names
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"{key} = {name!r}: not a tracker transformers knows; choose from none, all, {', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name not in available:
+            raise ConfigError(f"{key} = {name!r}: its package is not installed here (e.g. pip install {name.removesuffix('_ml')})")
+    return names
+
+
 class TrainStudentConfig(Section):
     """`pkd train-student`: distil the logit cache into the student (DESIGN §1 stage 2, §5).
 
@@ -111,7 +137,10 @@ class TrainStudentConfig(Section):
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int = Field(default=200, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)
+    report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
+
+    split_report_to = field_validator("report_to", mode="before")(_tracker_names)
 
 
 class EvalConfig(Section):
@@ -178,7 +207,10 @@ class ProxyAlignConfig(Section):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(default=10, ge=1)
     merge: bool = False  # also write base + adapter merged into one model
+    report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
+
+    split_report_to = field_validator("report_to", mode="before")(_tracker_names)
 
     @field_validator("lora_r")
     @classmethod

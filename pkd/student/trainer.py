@@ -97,8 +97,6 @@ class ProxyKDTrainer(Trainer):
         return step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size / max(self.train_dataset.manifest.rows, 1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "epoch" in logs:
-            logs["epoch"] = round(self.epoch_at(self.state.global_step), 4)
         if "loss" in logs:  # every rank logs at the same steps: collectives are safe here
             sums = self.accelerator.reduce(self._sums.to(self.args.device), reduction="sum")
             ranges = self.accelerator.gather(torch.tensor([self._w_range], dtype=torch.float64, device=self.args.device))
@@ -111,4 +109,10 @@ class ProxyKDTrainer(Trainer):
                 logs.update(w_mean=round(mean, 5), w_std=round(std, 5), w_min=round(float(ranges[:, 0].min()), 5), w_max=round(float(ranges[:, 1].max()), 5))
             self._sums.zero_()
             self._w_range = [float("inf"), float("-inf")]
-        super().log(logs, start_time)
+        trainer_epoch = self.state.epoch  # Trainer.log writes state.epoch into the record: lend it ours
+        if trainer_epoch is not None:
+            self.state.epoch = round(self.epoch_at(self.state.global_step), 4)
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.epoch = trainer_epoch

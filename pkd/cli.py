@@ -318,7 +318,10 @@ def evaluate(
     recipe: RecipeOption = None,
     base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
     split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Standard benchmarks, comma-separated lm-eval task names (gsm8k,arc_easy,...): needs pkd[eval].")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Benchmarks: few-shot examples (default: each task's own).")] = None,
+    include_path: Annotated[str | None, typer.Option(help="Benchmarks: a folder of local lm-eval task YAML files.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples (and N documents per benchmark task).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
@@ -328,26 +331,43 @@ def evaluate(
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Score a model on held-out teacher samples: NLL per token, top-1 agreement, exact match."""
+    """Score a model on held-out teacher samples (NLL per token, top-1 agreement, exact match) and standard benchmarks."""
     from pkd.config import resolve_recipe
     from pkd.steps.evaluate import evaluate as run_evaluate
 
-    flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out)
+    flags = dict(
+        model=model, samples=samples, base=base, split=split, tasks=tasks, num_fewshot=num_fewshot, include_path=include_path, limit=limit,
+        batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out,
+    )  # fmt: skip
     r = resolve_recipe(recipe, assign, "eval", flags)
     with step_console("eval", str(Path(r.eval.out).with_suffix("")) if r.eval.out else r.run.artifact_dir("eval"), verbose=verbose):
         report = run_evaluate(r.eval, r.run, progress=True)
     if as_json:
         console.print_json(json.dumps(report))
         return
-    t = Table(title=f"eval {report['model']} on {report['samples']} ({report['split']})", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column(justify="right")
-    for key, label in (("rows", "samples"), ("tokens", "response tokens"), ("nll_per_token", "NLL / token"), ("perplexity", "perplexity"), ("top1_agreement", "top-1 agreement"), ("exact_match", "exact match")):
-        value = report.get(key)
-        t.add_row(label, "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
-    if report.get("exact_match") is not None:
-        t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
-    console.print(t)
+    if "rows" in report:
+        t = Table(title=f"eval {report['model']} on {report['samples']} ({report['split']})", show_header=False, title_justify="left")
+        t.add_column(style="bold")
+        t.add_column(justify="right")
+        for key, label in (("rows", "samples"), ("tokens", "response tokens"), ("nll_per_token", "NLL / token"), ("perplexity", "perplexity"), ("top1_agreement", "top-1 agreement"), ("exact_match", "exact match")):
+            value = report.get(key)
+            t.add_row(label, "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+        if report.get("exact_match") is not None:
+            t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
+        console.print(t)
+    if report.get("skipped"):
+        console.print(f"[dim]skipped {escape(report['skipped'])}[/]")
+    if bench := report.get("benchmarks"):
+        t = Table(title=f"benchmarks (lm-eval {bench['lm_eval_version']})", title_justify="left")
+        for col in ("task", "metric", "value", "± stderr", "docs"):
+            t.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        for task, metrics in bench["tasks"].items():
+            for key, value in metrics.items():
+                if "_stderr," in key:
+                    continue
+                stderr = metrics.get(key.replace(",", "_stderr,", 1))
+                t.add_row(task, key.split(",")[0], f"{value:.4f}", "-" if stderr is None else f"{stderr:.4f}", f"{bench['samples'].get(task, '-')}")
+        console.print(t)
 
 
 # pkd demo ----------------------------------------------------------------------------------------

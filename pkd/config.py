@@ -75,8 +75,8 @@ class TeacherSampleConfig(Section):
         return check_ratios(v)
 
 
-def _tracker_names(v: str | list[str] | None) -> list[str] | None:
-    """`report_to` as a list: "wandb,mlflow" and ["wandb", "mlflow"] both work."""
+def _names_list(v: str | list[str] | None) -> list[str] | None:
+    """A list option (`report_to`, `tasks`): "a,b" and ["a", "b"] both work."""
     if isinstance(v, str):
         v = [x.strip() for x in v.split(",") if x.strip()]
     return v
@@ -140,7 +140,7 @@ class TrainStudentConfig(Section):
     report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
 
-    split_report_to = field_validator("report_to", mode="before")(_tracker_names)
+    split_report_to = field_validator("report_to", mode="before")(_names_list)
 
 
 class EvalConfig(Section):
@@ -157,7 +157,15 @@ class EvalConfig(Section):
     # Exact match compares what this regex captures (group 1 if it has one, else the whole
     # match; the last match wins) instead of the whole answer, e.g. "#### (\\S+)" for GSM8K.
     answer_pattern: str | None = None
+    # Standard benchmarks through lm-evaluation-harness (the `eval` extra): lm-eval task names,
+    # e.g. ["gsm8k", "arc_easy"], or local tasks (YAML) found under include_path. `limit` and
+    # `batch_size` apply to them too (limit: first N documents per task).
+    tasks: list[str] | None = None
+    num_fewshot: int | None = Field(default=None, ge=0)  # default: each task's own
+    include_path: str | None = None  # folder of lm-eval task YAML files
     out: str | None = None  # report JSON path (default: print only)
+
+    split_tasks = field_validator("tasks", mode="before")(_names_list)
 
     @field_validator("answer_pattern")
     @classmethod
@@ -210,7 +218,7 @@ class ProxyAlignConfig(Section):
     report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
 
-    split_report_to = field_validator("report_to", mode="before")(_tracker_names)
+    split_report_to = field_validator("report_to", mode="before")(_names_list)
 
     @field_validator("lora_r")
     @classmethod

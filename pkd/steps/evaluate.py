@@ -7,7 +7,9 @@ the engine's scorer, pkd.engines.hf.score_model):
 - NLL per token of the response (and its perplexity);
 - top-1 agreement: how often the model's argmax equals the teacher's next token;
 - exact match: for prompts carrying a `reference`, the greedy answer (or, with
-  `answer_pattern`, the answer it states) equals it after whitespace/case normalisation.
+  `answer_pattern`, the answer it states) equals it after whitespace/case normalisation;
+- with `tasks`, standard benchmarks through lm-evaluation-harness (pkd.student.benchmarks), in
+  the same report under "benchmarks".
 """
 
 from __future__ import annotations
@@ -79,16 +81,38 @@ def matches(answer: str, reference: str, pattern: re.Pattern[str] | None) -> boo
 
 
 def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict[str, Any]:
-    """Score `cfg.model` on the teacher samples; `progress` draws pkd's bar on the terminal."""
-    from pkd.engines.hf import teacher_forced_metrics
-    from pkd.progress import StepProgress
-
+    """Score `cfg.model` on the teacher samples and, with `cfg.tasks`, on standard benchmarks
+    (lm-eval); one report. With tasks, a samples folder that holds no teacher samples is skipped,
+    and the report says so ("skipped"). `progress` draws pkd's bar on the terminal."""
     if not cfg.model:
         raise ConfigError("[eval] model: no model given (--model DIR)")
     samples = cfg.samples or run.artifact_dir("teacher")
+    model, tok = load_model(cfg.model, cfg.base)
+    report: dict[str, Any] = {"model": cfg.model}
+    if not cfg.tasks or Folder(samples).has_manifest():
+        report |= _teacher_metrics(cfg, model, tok, samples, progress)
+    else:
+        report["skipped"] = f"teacher-sample metrics: no teacher samples at {samples}"
+    if cfg.tasks:
+        from pkd.student.benchmarks import run_benchmarks
+
+        report["benchmarks"] = run_benchmarks(
+            model, tok, cfg.tasks, include_path=cfg.include_path, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=run.seed,
+        )  # fmt: skip
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _teacher_metrics(cfg: EvalConfig, model: Any, tok: Any, samples: str, progress: bool) -> dict[str, Any]:
+    """NLL per token, top-1 agreement and exact match on the teacher's samples."""
+    from pkd.engines.hf import teacher_forced_metrics
+    from pkd.progress import StepProgress
+
     pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
     split = None if cfg.split in (None, "all") else cfg.split
-    model, tok = load_model(cfg.model, cfg.base)
     nll = agree = tokens = rows = 0.0
     em_hits = em_rows = 0
     folder = Folder(samples)
@@ -110,8 +134,7 @@ def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict
             bar.update(done=len(batch), tokens=m["tokens"])
     if not rows:
         raise InputError(f"{samples}: no samples in split {cfg.split!r}")
-    report = {
-        "model": cfg.model,
+    return {
         "samples": samples,
         "split": cfg.split or "all",
         "rows": int(rows),
@@ -123,10 +146,6 @@ def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict
         "exact_match_rows": em_rows,
         "answer_pattern": cfg.answer_pattern,
     }
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:

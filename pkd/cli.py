@@ -19,7 +19,7 @@ from rich.table import Table
 
 from pkd import __version__
 from pkd.console import step_console, terminal
-from pkd.errors import PkdError
+from pkd.errors import ConfigError, PkdError
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -487,9 +487,33 @@ def _copy(src: str, dst: str, verb: str) -> None:
 
 
 @cache_app.command("push")
-def cache_push(src: CacheURI, dst: Annotated[str, typer.Argument(help="Destination folder or URI (e.g. s3://bucket/caches/run).")]) -> None:
-    """Upload a complete cache, checking each file's sha256 while it streams; manifest last."""
-    _copy(src, dst, "pushed")
+def cache_push(
+    src: CacheURI,
+    dst: Annotated[str, typer.Argument(help="Destination folder or URI: s3://bucket/caches/run, or hf://datasets/ORG/NAME for the Hub.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Hub: write the dataset card and print the commit's files; upload nothing.")] = False,
+) -> None:
+    """Upload a complete cache, checking each file's sha256; manifest last (the Hub: one commit with a dataset card)."""
+    from pkd.cache.hub import is_hub_dataset
+
+    if not is_hub_dataset(dst):
+        if dry_run:
+            raise ConfigError("--dry-run plans a Hub push (hf://datasets/ORG/NAME); other destinations copy file by file")
+        _copy(src, dst, "pushed")
+        return
+    import tempfile
+
+    from pkd.cache.hub import push_to_hub
+    from pkd.store import Folder
+
+    with tempfile.TemporaryDirectory(prefix="pkd-card-") as tmp:
+        target, plan, url = push_to_hub(Folder(src), dst, Path(tmp), dry_run=dry_run)
+        if dry_run:
+            console.print(f"[bold]plan[/] one commit to dataset {target.repo_id}{'@' + target.revision if target.revision else ''}: {len(plan)} files")
+            for u in plan:
+                console.print(f"  {escape(u.path_in_repo)}  <- {escape(str(u.source))}", highlight=False)
+            console.print(Path(tmp, "README.md").read_text(), markup=False, highlight=False)
+            return
+    console.print(f"[green]pushed[/] {src} -> {dst}: {len(plan)} files in one commit {url}")
 
 
 @cache_app.command("pull")

@@ -69,7 +69,9 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
 
 @app.command("teacher-sample")
 def teacher_sample(
-    prompts: Annotated[str | None, typer.Option(help="Prompt set: JSONL, Parquet or a saved HF dataset dir (path or fsspec URI).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt set: JSONL, Parquet, a saved HF dataset dir (path or fsspec URI), or a Hub dataset ORG/NAME.")] = None,
+    prompts_split: Annotated[str | None, typer.Option(help="Split of a Hub dataset (default: train).")] = None,
+    prompts_field: Annotated[list[str] | None, typer.Option(help="Map a pkd field to a column: prompt=question, reference=answer, id=..., messages=... (repeatable).")] = None,
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Output folder or URI (default: <run.root>/<run.name>/teacher).")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root, e.g. https://api.openai.com/v1.")] = None,
@@ -97,8 +99,11 @@ def teacher_sample(
     from pkd.config import resolve_recipe
     from pkd.steps.teacher_sample import plan_teacher_sample, run_teacher_sample
 
+    fields = dict(f.split("=", 1) for f in prompts_field or [] if "=" in f) or None
+    if prompts_field and len(fields or {}) != len(prompts_field):
+        raise ConfigError(f"--prompts-field {next(f for f in prompts_field if '=' not in f)!r}: expected FIELD=COLUMN, e.g. prompt=question")
     flags = dict(
-        prompts=prompts, out=out, base_url=base_url, model=model, api_key_env=api_key_env, system_prompt=system_prompt, n=n,
+        prompts=prompts, prompts_split=prompts_split, prompts_fields=fields, out=out, base_url=base_url, model=model, api_key_env=api_key_env, system_prompt=system_prompt, n=n,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs, concurrency=concurrency,
         request_timeout_s=request_timeout, max_retries=max_retries, max_failures=max_failures, shard_size=shard_size,
         keep_truncated=keep_truncated, limit=limit,

@@ -46,7 +46,9 @@ class TeacherSampleConfig(Section):
     folder holds; the others (endpoint URL, concurrency, retries, limit, ...) may change between a
     run and its resumption. The API key is never configured here, only the variable holding it."""
 
-    prompts: str | None = None  # JSONL, Parquet or saved HF dataset dir (local path or fsspec URI)
+    prompts: str | None = None  # JSONL, Parquet, saved HF dataset dir (path or fsspec URI), or a Hub dataset ORG/NAME
+    prompts_split: str = "train"  # the split of a Hub dataset
+    prompts_fields: dict[str, str] = Field(default_factory=dict)  # pkd field -> column, e.g. {prompt = "question"}
     out: str | None = None  # default: [run] artifact_dir("teacher")
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "teacher"

@@ -18,7 +18,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from pkd import __version__
-from pkd.errors import PkdError
+from pkd.console import step_console, terminal
+from pkd.errors import ConfigError, PkdError
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -53,6 +54,7 @@ app.add_typer(recipe_app, name="recipe")
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).")]
 CacheURI = Annotated[str, typer.Argument(help="Cache folder: a local path or an fsspec URI (s3://, hf://, memory://, ...).")]
+VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.")]
 
 
 @app.callback()
@@ -67,7 +69,9 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
 
 @app.command("teacher-sample")
 def teacher_sample(
-    prompts: Annotated[str | None, typer.Option(help="Prompt set: JSONL, Parquet or a saved HF dataset dir (path or fsspec URI).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt set: JSONL, Parquet, a saved HF dataset dir (path or fsspec URI), or a Hub dataset ORG/NAME.")] = None,
+    prompts_split: Annotated[str | None, typer.Option(help="Split of a Hub dataset (default: train).")] = None,
+    prompts_field: Annotated[list[str] | None, typer.Option(help="Map a pkd field to a column: prompt=question, reference=answer, id=..., messages=... (repeatable).")] = None,
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Output folder or URI (default: <run.root>/<run.name>/teacher).")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root, e.g. https://api.openai.com/v1.")] = None,
@@ -92,13 +96,17 @@ def teacher_sample(
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, count prompts and requests, print the plan; send nothing.")] = False,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Sample the teacher API for every prompt into Parquet shards; resumable, exactly once per sample."""
     from pkd.config import resolve_recipe
     from pkd.steps.teacher_sample import FAILURES, plan_teacher_sample, retryable_failures, run_teacher_sample
 
+    fields = dict(f.split("=", 1) for f in prompts_field or [] if "=" in f) or None
+    if prompts_field and len(fields or {}) != len(prompts_field):
+        raise ConfigError(f"--prompts-field {next(f for f in prompts_field if '=' not in f)!r}: expected FIELD=COLUMN, e.g. prompt=question")
     flags = dict(
-        prompts=prompts, out=out, base_url=base_url, model=model, api_key_env=api_key_env, system_prompt=system_prompt, n=n,
+        prompts=prompts, prompts_split=prompts_split, prompts_fields=fields, out=out, base_url=base_url, model=model, api_key_env=api_key_env, system_prompt=system_prompt, n=n,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs, concurrency=concurrency,
         request_timeout_s=request_timeout, max_retries=max_retries, max_failures=max_failures, retry_failed=retry_failed,
         retry_after_max_s=retry_after_max, shard_size=shard_size, commit_interval_s=commit_interval, keep_truncated=keep_truncated, limit=limit,
@@ -111,7 +119,8 @@ def teacher_sample(
         console.print(f"  prompts {p.prompts:,} ({p.done:,} already done); {p.todo:,} requests for {p.samples:,} samples, at most {p.max_completion_tokens:,} completion tokens; splits: {splits or '-'}")
         console.print("  dry run: nothing sent")
         return
-    s = run_teacher_sample(r.teacher_sample, r.run)
+    with step_console("teacher-sample", r.teacher_sample.out or r.run.artifact_dir("teacher"), verbose=verbose):
+        s = run_teacher_sample(r.teacher_sample, r.run)
     c, now = s.counts, s.session
     retry = retryable_failures(c)
     hint = f"; {c.get('failed', 0):,} failed (see {s.plan.out}/{FAILURES}), {retry:,} of them for a transient reason: rerun with --retry-failed to request those again" if retry else ""
@@ -168,8 +177,10 @@ def proxy_align(
     logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.")] = None,
     seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Align the proxy to the teacher: warm-up SFT on D_w, then K rounds of DPO + NLL; resumable."""
     from pkd.align.report import table
@@ -183,9 +194,11 @@ def proxy_align(
         rounds=rounds, chunk_size=chunk_size, beta=beta, engine=engine, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
         precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
+        report_to=report_to,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "proxy_align", flags)
-    s = run_proxy_align(r, say=lambda msg: err_console.print(escape(msg), highlight=False))
+    with step_console("proxy-align", r.proxy_align.out or r.run.artifact_dir("proxy"), verbose=verbose):
+        s = run_proxy_align(r, say=lambda msg: terminal().print(escape(msg), highlight=False), progress=True)
     if as_json:
         console.print_json(json.dumps(s.report))
         return
@@ -220,10 +233,11 @@ def cache_logits(
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.")] = None,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Score the teacher's responses with the proxy into the logit cache (top-k per position, ℓ, μ/γ); resumable."""
     from pkd.config import resolve_recipe
-    from pkd.steps.cache_logits import run_cache_logits
+    from pkd.steps.cache_logits import default_out, run_cache_logits
 
     flags = dict(
         proxy=proxy, teacher=teacher, model=model, adapter=adapter, no_adapter=no_adapter, student=student, out=out, split=split, k=k,
@@ -232,7 +246,8 @@ def cache_logits(
         tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "cache_logits", flags)
-    s = run_cache_logits(r.cache_logits, r.run)
+    with step_console("cache-logits", r.cache_logits.out or default_out(r.run, *r.cache_logits.part_index), verbose=verbose):
+        s = run_cache_logits(r.cache_logits, r.run)
     m = s.manifest
     if not s.scored:
         console.print(f"[green]nothing to do[/] {s.out}: the cache is complete ({m.rows:,} samples, {m.tokens:,} tokens)")
@@ -282,7 +297,9 @@ def train_student(
     save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Distil the logit cache into the student (Proxy-KD); resumes from the last checkpoint in --out."""
     from pkd.config import resolve_recipe
@@ -292,10 +309,11 @@ def train_student(
         cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights,
         lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
         epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
-        dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed,
+        dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed, report_to=report_to,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "train_student", flags)
-    res = run_train_student(r.train_student, r.run)
+    with step_console("train-student", r.train_student.out or r.run.artifact_dir("student"), verbose=verbose):
+        res = run_train_student(r.train_student, r.run, progress=True)
     if os.environ.get("RANK", "0") != "0":
         return
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
@@ -312,7 +330,10 @@ def evaluate(
     recipe: RecipeOption = None,
     base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
     split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Standard benchmarks, comma-separated lm-eval task names (gsm8k,arc_easy,...): needs pkd[eval].")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Benchmarks: few-shot examples (default: each task's own).")] = None,
+    include_path: Annotated[str | None, typer.Option(help="Benchmarks: a folder of local lm-eval task YAML files.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples (and N documents per benchmark task).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
@@ -320,26 +341,45 @@ def evaluate(
     out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     assign: SetOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Score a model on held-out teacher samples: NLL per token, top-1 agreement, exact match."""
+    """Score a model on held-out teacher samples (NLL per token, top-1 agreement, exact match) and standard benchmarks."""
     from pkd.config import resolve_recipe
     from pkd.steps.evaluate import evaluate as run_evaluate
 
-    flags = dict(model=model, samples=samples, base=base, split=split, limit=limit, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out)
+    flags = dict(
+        model=model, samples=samples, base=base, split=split, tasks=tasks, num_fewshot=num_fewshot, include_path=include_path, limit=limit,
+        batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out,
+    )  # fmt: skip
     r = resolve_recipe(recipe, assign, "eval", flags)
-    report = run_evaluate(r.eval, r.run)
+    with step_console("eval", str(Path(r.eval.out).with_suffix("")) if r.eval.out else r.run.artifact_dir("eval"), verbose=verbose):
+        report = run_evaluate(r.eval, r.run, progress=True)
     if as_json:
         console.print_json(json.dumps(report))
         return
-    t = Table(title=f"eval {report['model']} on {report['samples']} ({report['split']})", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column(justify="right")
-    for key, label in (("rows", "samples"), ("tokens", "response tokens"), ("nll_per_token", "NLL / token"), ("perplexity", "perplexity"), ("top1_agreement", "top-1 agreement"), ("exact_match", "exact match")):
-        value = report.get(key)
-        t.add_row(label, "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
-    if report.get("exact_match") is not None:
-        t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
-    console.print(t)
+    if "rows" in report:
+        t = Table(title=f"eval {report['model']} on {report['samples']} ({report['split']})", show_header=False, title_justify="left")
+        t.add_column(style="bold")
+        t.add_column(justify="right")
+        for key, label in (("rows", "samples"), ("tokens", "response tokens"), ("nll_per_token", "NLL / token"), ("perplexity", "perplexity"), ("top1_agreement", "top-1 agreement"), ("exact_match", "exact match")):
+            value = report.get(key)
+            t.add_row(label, "-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4f}")
+        if report.get("exact_match") is not None:
+            t.caption = f"exact match over {report['exact_match_rows']:,} samples with a reference"
+        console.print(t)
+    if report.get("skipped"):
+        console.print(f"[dim]skipped {escape(report['skipped'])}[/]")
+    if bench := report.get("benchmarks"):
+        t = Table(title=f"benchmarks (lm-eval {bench['lm_eval_version']})", title_justify="left")
+        for col in ("task", "metric", "value", "± stderr", "docs"):
+            t.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        for task, metrics in bench["tasks"].items():
+            for key, value in metrics.items():
+                if "_stderr," in key:
+                    continue
+                stderr = metrics.get(key.replace(",", "_stderr,", 1))
+                t.add_row(task, key.split(",")[0], f"{value:.4f}", "-" if stderr is None else f"{stderr:.4f}", f"{bench['samples'].get(task, '-')}")
+        console.print(t)
 
 
 # pkd demo ----------------------------------------------------------------------------------------
@@ -459,9 +499,33 @@ def _copy(src: str, dst: str, verb: str) -> None:
 
 
 @cache_app.command("push")
-def cache_push(src: CacheURI, dst: Annotated[str, typer.Argument(help="Destination folder or URI (e.g. s3://bucket/caches/run).")]) -> None:
-    """Upload a complete cache, checking each file's sha256 while it streams; manifest last."""
-    _copy(src, dst, "pushed")
+def cache_push(
+    src: CacheURI,
+    dst: Annotated[str, typer.Argument(help="Destination folder or URI: s3://bucket/caches/run, or hf://datasets/ORG/NAME for the Hub.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Hub: write the dataset card and print the commit's files; upload nothing.")] = False,
+) -> None:
+    """Upload a complete cache, checking each file's sha256; manifest last (the Hub: one commit with a dataset card)."""
+    from pkd.cache.hub import is_hub_dataset
+
+    if not is_hub_dataset(dst):
+        if dry_run:
+            raise ConfigError("--dry-run plans a Hub push (hf://datasets/ORG/NAME); other destinations copy file by file")
+        _copy(src, dst, "pushed")
+        return
+    import tempfile
+
+    from pkd.cache.hub import push_to_hub
+    from pkd.store import Folder
+
+    with tempfile.TemporaryDirectory(prefix="pkd-card-") as tmp:
+        target, plan, url = push_to_hub(Folder(src), dst, Path(tmp), dry_run=dry_run)
+        if dry_run:
+            console.print(f"[bold]plan[/] one commit to dataset {target.repo_id}{'@' + target.revision if target.revision else ''}: {len(plan)} files")
+            for u in plan:
+                console.print(f"  {escape(u.path_in_repo)}  <- {escape(str(u.source))}", highlight=False)
+            console.print(Path(tmp, "README.md").read_text(), markup=False, highlight=False)
+            return
+    console.print(f"[green]pushed[/] {src} -> {dst}: {len(plan)} files in one commit {url}")
 
 
 @cache_app.command("pull")

@@ -46,7 +46,9 @@ class TeacherSampleConfig(Section):
     folder holds; the others (endpoint URL, concurrency, retries, limit, ...) may change between a
     run and its resumption. The API key is never configured here, only the variable holding it."""
 
-    prompts: str | None = None  # JSONL, Parquet or saved HF dataset dir (local path or fsspec URI)
+    prompts: str | None = None  # JSONL, Parquet, saved HF dataset dir (path or fsspec URI), or a Hub dataset ORG/NAME
+    prompts_split: str = "train"  # the split of a Hub dataset
+    prompts_fields: dict[str, str] = Field(default_factory=dict)  # pkd field -> column, e.g. {prompt = "question"}
     out: str | None = None  # default: [run] artifact_dir("teacher")
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "teacher"
@@ -76,6 +78,32 @@ class TeacherSampleConfig(Section):
     @classmethod
     def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
         return check_ratios(v)
+
+
+def _names_list(v: str | list[str] | None) -> list[str] | None:
+    """A list option (`report_to`, `tasks`): "a,b" and ["a", "b"] both work."""
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    return v
+
+
+def report_to(names: list[str] | None, key: str) -> list[str]:
+    """Trackers for Trainer's `report_to`: any integration transformers supports (none, tensorboard,
+    wandb, mlflow, trackio, ...), checked here so that a typo or a missing package is one line
+    naming `key`; by default tensorboard when it is installed, else none."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    if names is None:
+        return ["tensorboard"] if "tensorboard" in available else ["none"]
+    if names in (["none"], ["all"]):
+        return names
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"{key} = {name!r}: not a tracker transformers knows; choose from none, all, {', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if name not in available:
+            raise ConfigError(f"{key} = {name!r}: its package is not installed here (e.g. pip install {name.removesuffix('_ml')})")
+    return names
 
 
 class TrainStudentConfig(Section):
@@ -114,7 +142,10 @@ class TrainStudentConfig(Section):
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int = Field(default=200, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)
+    report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
+
+    split_report_to = field_validator("report_to", mode="before")(_names_list)
 
 
 class EvalConfig(Section):
@@ -131,7 +162,15 @@ class EvalConfig(Section):
     # Exact match compares what this regex captures (group 1 if it has one, else the whole
     # match; the last match wins) instead of the whole answer, e.g. "#### (\\S+)" for GSM8K.
     answer_pattern: str | None = None
+    # Standard benchmarks through lm-evaluation-harness (the `eval` extra): lm-eval task names,
+    # e.g. ["gsm8k", "arc_easy"], or local tasks (YAML) found under include_path. `limit` and
+    # `batch_size` apply to them too (limit: first N documents per task).
+    tasks: list[str] | None = None
+    num_fewshot: int | None = Field(default=None, ge=0)  # default: each task's own
+    include_path: str | None = None  # folder of lm-eval task YAML files
     out: str | None = None  # report JSON path (default: print only)
+
+    split_tasks = field_validator("tasks", mode="before")(_names_list)
 
     @field_validator("answer_pattern")
     @classmethod
@@ -181,7 +220,10 @@ class ProxyAlignConfig(Section):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(default=10, ge=1)
     merge: bool = False  # also write base + adapter merged into one model
+    report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
+
+    split_report_to = field_validator("report_to", mode="before")(_names_list)
 
     @field_validator("lora_r")
     @classmethod

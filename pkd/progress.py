@@ -1,14 +1,21 @@
 """The only place that draws progress bars (rich). Steps report counts; this module renders them.
 
 A step calls `update()` as work completes; the bar shows done/total, rate and ETA, tokens/s, and
-for request-driven steps requests/s and failures. Drawn on stderr so stdout stays clean for
-summaries and JSON; with `enabled=False` (library use, tests) it draws nothing.
+for request-driven steps requests/s and failures. `trainer_progress()` is the same display for
+a transformers/TRL Trainer (step, loss, CE/KL, tokens/s, epoch, ETA). Drawn on the terminal
+(`pkd.console.terminal()`, stderr) so stdout stays clean for summaries and JSON, and so that it
+shows while a step's library output goes to its log file; with `enabled=False` (library use,
+tests) it draws nothing. Every column fits in 80 terminal columns.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
+
+from pkd.console import terminal
 
 
 class StepProgress:
@@ -23,7 +30,6 @@ class StepProgress:
         self._bar = None
         if not enabled:
             return
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         counters = "{task.fields[tps]:,.0f} tok/s"
@@ -38,7 +44,7 @@ class StepProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn(counters),
-            console=Console(stderr=True),
+            console=terminal(),
             refresh_per_second=4,
         )
         self._task = self._bar.add_task(description, total=total, completed=done, rate="-", rps=0.0, tps=0.0, failures=0)
@@ -69,3 +75,60 @@ class StepProgress:
             tps=self._tokens / elapsed,
             failures=self._failures,
         )
+
+
+def trainer_progress(description: str, *, epoch_of: Callable[[int], float] | None = None, enabled: bool = True) -> Any:
+    """A `transformers.TrainerCallback` drawing one bar for a training run: optimizer steps of
+    `max_steps`, ETA, and from each log record the loss, CE/KL, tokens/s and the epoch
+    (`epoch_of(global_step)` when the caller knows better than Trainer, e.g. for a stream)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Progress | None = None
+            self.start = time.monotonic()
+            self.first_step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if not enabled or not state.is_world_process_zero:
+                return
+            self.start, self.first_step = time.monotonic(), state.global_step
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(bar_width=16),
+                MofNCompleteColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=terminal(),
+                refresh_per_second=4,
+            )
+            self.task = self.bar.add_task(description, total=state.max_steps, completed=state.global_step, status="")
+            self.bar.start()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if self.bar is None or not logs or "loss" not in logs:
+                return
+            parts = [f"loss {logs['loss']:.3f}"]
+            if "ce" in logs and "kl" in logs:
+                parts.append(f"ce {logs['ce']:.3f} kl {logs['kl']:.3f}")
+            tokens = sum(int(h.get("tokens", 0)) for h in state.log_history if h.get("step", 0) > self.first_step)
+            if tokens:
+                parts.append(f"{tokens / max(time.monotonic() - self.start, 1e-9):,.0f} tok/s")
+            epoch = epoch_of(state.global_step) if epoch_of else logs.get("epoch")
+            if epoch is not None:
+                parts.append(f"ep {epoch:.2f}")
+            self.bar.update(self.task, status=" ".join(parts))
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.update(self.task, completed=state.global_step)
+                self.bar.stop()
+                self.bar = None
+
+    return _Progress()

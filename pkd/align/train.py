@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pkd.models.lora import target_modules
-from pkd.config import ProxyAlignConfig
+from pkd.config import ProxyAlignConfig, report_to
 
 
 def runtime(precision: str) -> tuple[bool, Any]:
@@ -63,28 +63,36 @@ def _args(cfg: ProxyAlignConfig, scratch: Path, seed: int, epochs: float) -> dic
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, num_train_epochs=epochs,
         per_device_train_batch_size=cfg.per_device_batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=seed, data_seed=seed,
-        save_strategy="no", report_to="none", disable_tqdm=True,
+        save_strategy="no", report_to=report_to(cfg.report_to, "[proxy_align] report_to"), disable_tqdm=True,
     )  # fmt: skip
+
+
+def _callbacks(stage: str, progress: bool) -> list[Any]:
+    from pkd.progress import trainer_progress
+
+    return [trainer_progress(f"proxy-align {stage}", enabled=progress)]
 
 
 def _losses(history: list[dict[str, Any]], key: str) -> list[float]:
     return [h[key] for h in history if key in h]
 
 
-def warmup_sft(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path) -> dict[str, Any]:
+def warmup_sft(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path, *, progress: bool = False) -> dict[str, Any]:
     """SFT on teacher responses: prompt/completion rows, loss on the completion (the assistant
-    turn) only. Returns training stats."""
+    turn) only. Returns training stats. Trackers (`report_to`) log under scratch/runs/."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(**_args(cfg, scratch, seed, cfg.warmup_epochs), completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks("warmup", progress))
     start = time.monotonic()
     out = trainer.train()
     return {"steps": out.global_step, "train_loss": out.training_loss, "loss_curve": _losses(trainer.state.log_history, "loss"), "train_s": time.monotonic() - start}
 
 
-def dpo_round(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def dpo_round(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path, *, stage: str = "round", progress: bool = False
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Minimise NLL(y|x) + L_pref over the pairs, the reference precomputed with the model as it
     is now. Returns the tokenized rows with their `ref_*_logps` and training stats."""
     from datasets import Dataset
@@ -92,7 +100,7 @@ def dpo_round(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: Proxy
 
     args = DPOConfig(**_args(cfg, scratch, seed, cfg.epochs), beta=cfg.beta, loss_type=["sigmoid", "sft"], precompute_ref_log_probs=True)
     start = time.monotonic()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks(stage, progress))
     ref_s = time.monotonic() - start  # tokenization + the reference forward over every pair
     start = time.monotonic()
     out = trainer.train()

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pkd.engines import ScoreResult, check_score_args, empty_result, windows
 from pkd.errors import EngineError
 
@@ -128,49 +130,7 @@ class HFEngine:
         """Teacher-forced forward over right-padded, length-sorted batches of at most
         `batch_tokens` padded tokens; log_softmax in float32 over the full vocabulary."""
         check_score_args(sequences, starts, k, self.max_logprobs, self.vocab_size)
-        budget = batch_tokens or self.batch_tokens
-        lengths = [len(s) for s in sequences]
-        for group in windows(lengths, budget * WINDOW_BATCHES):
-            done: dict[int, ScoreResult] = {}
-            todo = [i for i in group if starts[i] < lengths[i]]
-            for batch in _batches(todo, lengths, budget, sort=True):
-                scored = self._score_batch([sequences[i] for i in batch], [starts[i] for i in batch], k)
-                done.update(zip(batch, scored))
-            for i in group:
-                yield done.get(i) or empty_result(k)
-
-    def _score_batch(self, seqs: list[Sequence[int]], starts: list[int], k: int) -> list[ScoreResult]:
-        import torch
-
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):  # right padding: causal attention keeps it out of the real rows
-            ids[row, : len(s)] = torch.as_tensor(s)
-            mask[row, : len(s)] = 1
-        # Position t is predicted by the logits at t - 1: keep only rows [min start - 1, width - 1).
-        lo = min(starts) - 1
-        keep = torch.arange(lo, width - 1, device=self.device)
-        with torch.inference_mode():
-            logits = self._live()(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), logits_to_keep=keep
-            ).logits  # (B, width - 1 - lo, V)
-            results = []
-            for row, (s, start) in enumerate(zip(seqs, starts)):
-                # (T, V); like vLLM, over the config's vocabulary should lm_head be padded wider
-                rows = logits[row, start - 1 - lo : len(s) - 1 - lo, : self.vocab_size]
-                logprobs = rows.float().log_softmax(-1)  # one sequence at a time: bounded float32 copy
-                top_lp, top_ids = logprobs.topk(k, dim=-1)  # (T, k), descending
-                target = torch.as_tensor(s[start:], device=self.device)  # (T,)
-                token_lp = logprobs.gather(-1, target[:, None])[:, 0]  # (T,)
-                results.append(
-                    ScoreResult(
-                        topk_ids=top_ids.to(torch.int32).cpu().numpy(),
-                        topk_logprobs=top_lp.cpu().numpy(),
-                        token_logprobs=token_lp.cpu().numpy(),
-                    )
-                )
-        return results
+        yield from score_model(self._live(), sequences, starts, k, batch_tokens=batch_tokens or self.batch_tokens, pad_id=self._pad)
 
     def _live(self) -> PreTrainedModel | PeftModel:
         if self._model is None:
@@ -193,6 +153,83 @@ class HFEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# the one teacher-forced scorer ----------------------------------------------------------------------
+# Every NLL / top-1 agreement pkd reports (cache-logits with this engine, proxy-align's held-out
+# metrics and DPO rewards, eval, the toy world) comes from `score_model`, so they agree and all
+# bound memory the same way.
+
+
+def score_model(
+    model: PreTrainedModel | PeftModel, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int, *, batch_tokens: int = 8192, pad_id: int = 0
+) -> Iterator[ScoreResult]:
+    """Per sequence, in input order, the top-k ids/logprobs and the actual token's logprob at
+    positions [start, len) of a model already in memory (eval mode during the call, restored
+    after). Batches hold at most `batch_tokens` padded tokens; sequences with start == len get
+    an empty result. Callers check the arguments (`check_score_args`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = model.config.get_text_config().vocab_size
+        lengths = [len(s) for s in sequences]
+        for group in windows(lengths, batch_tokens * WINDOW_BATCHES):
+            done: dict[int, ScoreResult] = {}
+            todo = [i for i in group if starts[i] < lengths[i]]
+            for batch in _batches(todo, lengths, batch_tokens, sort=True):
+                scored = _score_batch(model, [sequences[i] for i in batch], [starts[i] for i in batch], k, pad_id, vocab)
+                done.update(zip(batch, scored))
+            for i in group:
+                yield done.get(i) or empty_result(k)
+    finally:
+        model.train(was_training)
+
+
+def teacher_forced_metrics(
+    model: PreTrainedModel | PeftModel, sequences: Sequence[Sequence[int]], starts: Sequence[int], *, batch_tokens: int = 8192, pad_id: int = 0
+) -> dict[str, float]:
+    """Token-weighted NLL per token and top-1 agreement (the model's argmax is the actual next
+    token) over positions [start, len) of each sequence; starts are clamped into [1, len]."""
+    starts = [min(max(s, 1), len(q)) for q, s in zip(sequences, starts, strict=True)]
+    nll, hits, tokens = 0.0, 0, 0
+    for seq, start, r in zip(sequences, starts, score_model(model, sequences, starts, 1, batch_tokens=batch_tokens, pad_id=pad_id)):
+        nll -= float(r.token_logprobs.sum())
+        hits += int((r.topk_ids[:, 0] == np.asarray(seq[start:])).sum())
+        tokens += len(r.token_logprobs)
+    return {"nll_per_token": nll / max(tokens, 1), "top1_agreement": hits / max(tokens, 1), "tokens": tokens, "samples": len(sequences)}
+
+
+def _score_batch(model: PreTrainedModel | PeftModel, seqs: list[Sequence[int]], starts: list[int], k: int, pad_id: int, vocab: int) -> list[ScoreResult]:
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):  # right padding: causal attention keeps it out of the real rows
+        ids[row, : len(s)] = torch.as_tensor(s)
+        mask[row, : len(s)] = 1
+    # Position t is predicted by the logits at t - 1: keep only rows [min start - 1, width - 1).
+    lo = min(starts) - 1
+    keep = torch.arange(lo, width - 1, device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits  # (B, width - 1 - lo, V)
+        results = []
+        for row, (s, start) in enumerate(zip(seqs, starts)):
+            # (T, V); like vLLM, over the config's vocabulary should lm_head be padded wider
+            rows = logits[row, start - 1 - lo : len(s) - 1 - lo, :vocab]
+            logprobs = rows.float().log_softmax(-1)  # one sequence at a time: bounded float32 copy
+            top_lp, top_ids = logprobs.topk(k, dim=-1)  # (T, k), descending
+            target = torch.as_tensor(s[start:], device=device)  # (T,)
+            token_lp = logprobs.gather(-1, target[:, None])[:, 0]  # (T,)
+            results.append(
+                ScoreResult(
+                    topk_ids=top_ids.to(torch.int32).cpu().numpy(),
+                    topk_logprobs=top_lp.cpu().numpy(),
+                    token_logprobs=token_lp.cpu().numpy(),
+                )
+            )
+    return results
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

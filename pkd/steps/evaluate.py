@@ -2,11 +2,14 @@
 
 Reads `pkd teacher-sample` output (its manifest's Parquet shards, streamed) and a model: a base
 or merged model directory, or a LoRA adapter (its base from `--base` or the adapter's record).
-Per sample, the teacher response is scored teacher-forced after the chat-templated prompt:
+Per sample, the teacher response is scored teacher-forced after the chat-templated prompt (by
+the engine's scorer, pkd.engines.hf.score_model):
 - NLL per token of the response (and its perplexity);
 - top-1 agreement: how often the model's argmax equals the teacher's next token;
 - exact match: for prompts carrying a `reference`, the greedy answer (or, with
-  `answer_pattern`, the answer it states) equals it after whitespace/case normalisation.
+  `answer_pattern`, the answer it states) equals it after whitespace/case normalisation;
+- with `tasks`, standard benchmarks through lm-evaluation-harness (pkd.student.benchmarks), in
+  the same report under "benchmarks".
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from pkd.config import EvalConfig, RunConfig
 from pkd.errors import ConfigError, InputError
 from pkd.store import Folder
-from pkd.teacher.samples import iter_teacher_samples, open_teacher_samples
+from pkd.teacher.samples import count_teacher_samples, iter_teacher_samples, open_teacher_samples
 from pkd.models.chat import encode_chat
 
 
@@ -77,47 +80,61 @@ def matches(answer: str, reference: str, pattern: re.Pattern[str] | None) -> boo
     return stated is not None and _normalise(stated) == _normalise(reference)
 
 
-def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
-    import torch
-
+def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict[str, Any]:
+    """Score `cfg.model` on the teacher samples and, with `cfg.tasks`, on standard benchmarks
+    (lm-eval); one report. With tasks, a samples folder that holds no teacher samples is skipped,
+    and the report says so ("skipped"). `progress` draws pkd's bar on the terminal."""
     if not cfg.model:
         raise ConfigError("[eval] model: no model given (--model DIR)")
     samples = cfg.samples or run.artifact_dir("teacher")
+    model, tok = load_model(cfg.model, cfg.base)
+    report: dict[str, Any] = {"model": cfg.model}
+    if not cfg.tasks or Folder(samples).has_manifest():
+        report |= _teacher_metrics(cfg, model, tok, samples, progress)
+    else:
+        report["skipped"] = f"teacher-sample metrics: no teacher samples at {samples}"
+    if cfg.tasks:
+        from pkd.student.benchmarks import run_benchmarks
+
+        report["benchmarks"] = run_benchmarks(
+            model, tok, cfg.tasks, include_path=cfg.include_path, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=run.seed,
+        )  # fmt: skip
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _teacher_metrics(cfg: EvalConfig, model: Any, tok: Any, samples: str, progress: bool) -> dict[str, Any]:
+    """NLL per token, top-1 agreement and exact match on the teacher's samples."""
+    from pkd.engines.hf import teacher_forced_metrics
+    from pkd.progress import StepProgress
+
     pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
     split = None if cfg.split in (None, "all") else cfg.split
-    model, tok = load_model(cfg.model, cfg.base)
-    device = next(model.parameters()).device
     nll = agree = tokens = rows = 0.0
     em_hits = em_rows = 0
     folder = Folder(samples)
-    rows_iter = itertools.islice(iter_teacher_samples(folder, open_teacher_samples(folder), split), cfg.limit)
-    while batch := list(itertools.islice(rows_iter, cfg.batch_size)):
-        encoded = [encode(tok, r.messages, r.response, cfg.max_length) for r in batch]
-        L = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(batch), L), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        target = torch.full_like(input_ids, -100)  # (B, L): token predicted at each position
-        for b, (ids, start) in enumerate(encoded):
-            input_ids[b, : len(ids)], mask[b, : len(ids)] = torch.tensor(ids), 1
-            first = max(start, 1)
-            target[b, first - 1 : len(ids) - 1] = torch.tensor(ids[first:], dtype=torch.long)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, L, V)
-        target = target.to(device)
-        valid = target != -100
-        logp = torch.log_softmax(logits[valid], -1)  # (M, V)
-        nll -= float(logp.gather(1, target[valid][:, None]).sum())
-        agree += float((logp.argmax(-1) == target[valid]).sum())
-        tokens += float(valid.sum())
-        rows += len(batch)
-        with_ref = [(r, ids[:start]) for r, (ids, start) in zip(batch, encoded) if r.reference]
-        if with_ref:
-            em_rows += len(with_ref)
-            em_hits += sum(matches(a, r.reference, pattern) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
+    manifest = open_teacher_samples(folder)
+    total = count_teacher_samples(folder, manifest, split)
+    rows_iter = itertools.islice(iter_teacher_samples(folder, manifest, split), cfg.limit)
+    with StepProgress(min(total, cfg.limit or total), description="eval", enabled=progress) as bar:
+        while batch := list(itertools.islice(rows_iter, cfg.batch_size)):
+            encoded = [encode(tok, r.messages, r.response, cfg.max_length) for r in batch]
+            m = teacher_forced_metrics(model, [ids for ids, _ in encoded], [start for _, start in encoded], batch_tokens=cfg.batch_size * cfg.max_length, pad_id=tok.pad_token_id or 0)
+            nll += m["nll_per_token"] * m["tokens"]
+            agree += m["top1_agreement"] * m["tokens"]
+            tokens += m["tokens"]
+            rows += len(batch)
+            with_ref = [(r, ids[:start]) for r, (ids, start) in zip(batch, encoded) if r.reference]
+            if with_ref:
+                em_rows += len(with_ref)
+                em_hits += sum(matches(a, r.reference, pattern) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
+            bar.update(done=len(batch), tokens=m["tokens"])
     if not rows:
         raise InputError(f"{samples}: no samples in split {cfg.split!r}")
-    report = {
-        "model": cfg.model,
+    return {
         "samples": samples,
         "split": cfg.split or "all",
         "rows": int(rows),
@@ -129,10 +146,6 @@ def evaluate(cfg: EvalConfig, run: RunConfig) -> dict[str, Any]:
         "exact_match_rows": em_rows,
         "answer_pattern": cfg.answer_pattern,
     }
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:

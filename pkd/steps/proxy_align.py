@@ -7,6 +7,7 @@ Stages, each committed as a folder before the manifest records it:
   round-KK/sampling.json   engine, token count and timings of that sampling
   round-KK/model/          after DPO + NLL on (teacher = chosen, proxy = rejected) pairs
   round-KK/metrics.json    held-out metrics, reward margin/accuracy, timings
+  warmup/trainer/, round-KK/trainer/   the trackers' local files (`report_to`, e.g. tensorboard runs/)
   adapter/ (LoRA) or model/ (full)   the final proxy: hard links to the last stage's files
   merged/                  with --merge: base + adapter folded into one model
   report.json, report.png  the alignment report
@@ -40,7 +41,7 @@ from pkd.records import MANIFEST_NAME, FileEntry, Manifest
 from pkd.store import Folder
 
 # Settings that may change between a run and its resumption (they do not change what is trained).
-FREE_KEYS = {"teacher", "model", "student", "out", "engine", "gpu_memory_utilization", "merge", "logging_steps"}
+FREE_KEYS = {"teacher", "model", "student", "out", "engine", "gpu_memory_utilization", "merge", "logging_steps", "report_to"}
 STATE_KEYS = tuple(k for k in ProxyAlignConfig.model_fields if k not in FREE_KEYS)
 TMP = ".tmp-"
 
@@ -170,8 +171,9 @@ def _write_json(path: Path, data: Any) -> Path:
 # the step -------------------------------------------------------------------------------------------
 
 
-def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None) -> Summary:
-    """Warm up, then align the proxy for `rounds` rounds; resumes after the last committed stage."""
+def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None, progress: bool = False) -> Summary:
+    """Warm up, then align the proxy for `rounds` rounds; resumes after the last committed stage.
+    `progress` draws a bar per training stage on the terminal."""
     start = time.monotonic()
     say = say or (lambda _msg: None)
     cfg, run = recipe.proxy_align, recipe.run
@@ -193,7 +195,7 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None)
         say(f"warning: {warning}")
     config = cfg.model_dump(mode="json") | {"seed": seed}
     out = Output(Path(out_spec.removeprefix("file://")), {"teacher": teacher_fingerprint(t_manifest), "proxy_base": files_fingerprint(base_dir)}, config)
-    ctx = _Context(cfg, seed, base_dir, tokenizer, data, out, resolve_engine(cfg.engine), say)
+    ctx = _Context(cfg, seed, base_dir, tokenizer, data, out, resolve_engine(cfg.engine), say, progress)
 
     if not out.counts["warmup"]:
         ctx.warmup()
@@ -223,6 +225,12 @@ class _Context:
     out: Output
     engine: str
     say: Callable[[str], None]
+    progress: bool = False
+
+    @property
+    def batch_tokens(self) -> int:
+        """Padded tokens per scoring forward: a training micro-batch's worth."""
+        return self.cfg.per_device_batch_size * self.cfg.max_length
 
     def stage_model(self, k: int) -> Path:
         """The proxy after stage k (0 = warm-up)."""
@@ -243,13 +251,13 @@ class _Context:
         cfg = self.cfg
         model = load_policy(self.base_dir, None, cfg)  # a fresh LoRA adapter is the identity: this is the base model
         heldout = self.heldout()
-        base = response_metrics(model, heldout, cfg.per_device_batch_size)
+        base = response_metrics(model, heldout, self.batch_tokens)
         self.say(f"base model: held-out NLL/token {base['nll_per_token']:.4f}, top-1 agreement {base['top1_agreement']:.3f}")
         stage = self.out.scratch("warmup")
         stats: dict[str, Any] = {"train_samples": len(self.data.warmup), "steps": 0}
         if cfg.warmup_epochs > 0:
-            stats |= warmup_sft(model, self.tokenizer, sft_rows(self.data.warmup), cfg, self.seed, self.out.scratch("trainer"))
-        after = response_metrics(model, heldout, cfg.per_device_batch_size)
+            stats |= warmup_sft(model, self.tokenizer, sft_rows(self.data.warmup), cfg, self.seed, stage / "trainer", progress=self.progress)
+        after = response_metrics(model, heldout, self.batch_tokens)
         self.say(f"warm-up on {len(self.data.warmup)} samples: held-out NLL/token {after['nll_per_token']:.4f}, top-1 agreement {after['top1_agreement']:.3f}")
         save_proxy(model, self.tokenizer, stage / "model")
         if cfg.lora and (problems := vllm_problems(json.loads((stage / "model" / "adapter_config.json").read_text()))):
@@ -292,18 +300,21 @@ class _Context:
         stage = self.out.scratch(name)
         model = load_policy(self.base_dir, self.stage_model(k - 1), cfg)
         if rows:
-            pairs, stats = dpo_round(model, self.tokenizer, rows, cfg, self.seed + k, self.out.scratch("trainer"))
-            rewards = pair_rewards(model, pairs, cfg.beta, cfg.max_length, cfg.per_device_batch_size)
+            pairs, stats = dpo_round(model, self.tokenizer, rows, cfg, self.seed + k, stage / "trainer", stage=name, progress=self.progress)
+            rewards = pair_rewards(model, pairs, cfg.beta, cfg.max_length, self.batch_tokens)
         else:  # the proxy already says exactly what the teacher says: nothing to prefer
             stats, rewards = {"steps": 0}, {"pairs": 0}
-        held = response_metrics(model, self.heldout(), cfg.per_device_batch_size)
+        held = response_metrics(model, self.heldout(), self.batch_tokens)
         save_proxy(model, self.tokenizer, stage / "model")
         sampling = self.out.read_json(f"{name}/sampling.json")
         metrics = held | stats | rewards | {"dropped_pairs": dropped} | {k: sampling[k] for k in ("engine", "gen_s", "load_s", "generate_s", "new_tokens")}
         _write_json(stage / "metrics.json", metrics)
         del model
         free_memory()
-        self.out.commit({f"{name}/model": stage / "model", f"{name}/metrics.json": stage / "metrics.json"}, rounds_done=k)
+        moves = {f"{name}/model": stage / "model", f"{name}/metrics.json": stage / "metrics.json"}
+        if (stage / "trainer").is_dir():
+            moves[f"{name}/trainer"] = stage / "trainer"
+        self.out.commit(moves, rounds_done=k)
         shutil.rmtree(stage, ignore_errors=True)
         self.say(
             f"{name}: {rewards['pairs']} pairs ({dropped} equal, dropped), reward margin {rewards.get('reward_margin', 0):+.4f}, "

@@ -453,7 +453,7 @@ def _open_output(folder: Folder, fingerprint: str, config: dict[str, Any], clean
 def _prepare(cfg: TeacherSampleConfig, run: RunConfig, hold: ExitStack | None) -> tuple[Plan, list[Prompt], Folder, Manifest, list[dict[str, Any]], dict[str, dict[str, Any]]]:
     if not cfg.prompts:
         raise ConfigError("no prompt set: pass --prompts PATH or set [teacher_sample] prompts in the recipe")
-    prompts = load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts, split=cfg.prompts_split, fields=cfg.prompts_fields)
     fingerprint = prompts_fingerprint(prompts)
     prompts = prompts[: cfg.limit]
     folder = Folder(cfg.out or run.artifact_dir("teacher"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pkd.config import RunConfig, TrainStudentConfig
+from pkd.config import RunConfig, TrainStudentConfig, report_to
 from pkd.errors import ConfigError, ManifestError, PkdError
 from pkd.fingerprint import files_fingerprint, sha256_file
 from pkd.models.resolve import resolve_model
@@ -74,7 +74,7 @@ def _resolve(cfg: TrainStudentConfig, run: RunConfig) -> tuple[str, Path, Path]:
 
 def _config_record(cfg: TrainStudentConfig, seed: int, world: int, streams: int, max_steps: int) -> dict[str, Any]:
     """What fixes the result: the section (minus paths) with its derived values filled in."""
-    rec = cfg.model_dump(exclude={"cache", "student", "out"})
+    rec = cfg.model_dump(exclude={"cache", "student", "out", "report_to"})
     return rec | {"seed": seed, "processes": world, "data_streams": streams, "max_steps": max_steps}
 
 
@@ -104,12 +104,14 @@ def _record_run(out: Path, record: dict[str, Any]) -> None:
         raise StorageError(f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
 
 
-def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None) -> StudentResult:
-    """Train (or resume, or find already done) the student described by `cfg`."""
+def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None, progress: bool = False) -> StudentResult:
+    """Train (or resume, or find already done) the student described by `cfg`; `progress` draws
+    pkd's bar on the terminal."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
+    from pkd.progress import trainer_progress
     from pkd.student.trainer import KDSettings, ProxyKDTrainer
     from pkd.student.data import CacheStream, check_student_compatible
 
@@ -142,7 +144,8 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         ignore_data_skip=True,
         dataloader_num_workers=cfg.dataloader_workers,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        report_to="tensorboard" if _has("tensorboard") else "none",
+        report_to=report_to(cfg.report_to, "[train_student] report_to"),  # tensorboard: checkpoints/runs/
+        disable_tqdm=True,  # pkd draws its own bar; Trainer's log dictionaries go to the step's log
         ddp_find_unused_parameters=False,
     )
     world, rank = args.world_size, args.process_index
@@ -184,6 +187,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     )
     if to_record:
         _record_run(out, record)
+    trainer.add_callback(trainer_progress("train-student", epoch_of=trainer.epoch_at, enabled=progress))
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] if last else 0
     t0 = time.perf_counter()
@@ -213,12 +217,6 @@ def _unwrapped(e: PkdError) -> PkdError:
         return e
     last = text.rstrip().splitlines()[-1]
     return type(e)(last.split(f"{type(e).__name__}: ", 1)[-1])
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool):

@@ -7,7 +7,9 @@ Overridden hooks and why:
 - `compute_loss`: the KD loss, normalised by `num_items_in_batch` (response tokens over the
   whole accumulated, all-rank batch), so gradient accumulation and DDP give the gradient of the
   global token mean; `loss_is_scaled_for_ga` tells Trainer not to divide again.
-- `log`: adds CE, KL and weight statistics to the training loss.
+- `log`: adds CE, KL and weight statistics to the training loss (so they reach every tracker
+  `report_to` names), and logs the true epoch: samples consumed / cache rows (Trainer cannot
+  know an IterableDataset's length and would log a fraction of max_steps instead).
 Resume: Trainer's own batch skipping is turned off; a callback tells the stream how many
 batches were consumed, and the stream jumps there without reading them.
 """
@@ -89,6 +91,11 @@ class ProxyKDTrainer(Trainer):
             self._w_range = [min(self._w_range[0], float(w.min())), max(self._w_range[1], float(w.max()))]
         return (out.loss, outputs) if return_outputs else out.loss
 
+    def epoch_at(self, step: int) -> float:
+        """Passes over the cache after `step` optimizer steps, all ranks together."""
+        a = self.args
+        return step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size / max(self.train_dataset.manifest.rows, 1)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # every rank logs at the same steps: collectives are safe here
             sums = self.accelerator.reduce(self._sums.to(self.args.device), reduction="sum")
@@ -102,4 +109,10 @@ class ProxyKDTrainer(Trainer):
                 logs.update(w_mean=round(mean, 5), w_std=round(std, 5), w_min=round(float(ranges[:, 0].min()), 5), w_max=round(float(ranges[:, 1].max()), 5))
             self._sums.zero_()
             self._w_range = [float("inf"), float("-inf")]
-        super().log(logs, start_time)
+        trainer_epoch = self.state.epoch  # Trainer.log writes state.epoch into the record: lend it ours
+        if trainer_epoch is not None:
+            self.state.epoch = round(self.epoch_at(self.state.global_step), 4)
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.epoch = trainer_epoch

@@ -1,16 +1,19 @@
-"""Prompt sets: JSONL, Parquet or a saved HF dataset directory, validated into `Prompt`s.
+"""Prompt sets: JSONL, Parquet, a saved HF dataset directory or a Hub dataset id (ORG/NAME, one
+split), validated into `Prompt`s.
 
 Each record is `{"id"?, "messages": [{"role", "content"}, ...]}` or `{"id"?, "prompt": "..."}`,
 with an optional `reference` answer kept for evaluation; other keys are ignored. A missing id
 becomes a hash of the content, so it is stable across runs and formats. Every problem is an
-`InputError` naming the file, the line (JSONL) or row (Parquet, dataset) and the field.
+`InputError` naming the file, the line (JSONL) or row (Parquet, dataset) and the field. Datasets
+with other column names map them: `fields={"prompt": "question", "reference": "answer"}`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,19 +131,55 @@ def _dataset_rows(path: str) -> Iterator[dict[str, Any]]:
     yield from ds
 
 
-def load_prompts(path: str) -> list[Prompt]:
-    """Read and validate a prompt set; duplicate ids are an error naming both places."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_rows(dataset_id: str, split: str) -> Iterator[dict[str, Any]]:
+    """Rows of one split of a Hub dataset (datasets.load_dataset, cached by datasets)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing, unknown split: all "cannot load"
+        raise InputError(
+            f"{dataset_id}: not a local file, and the Hub dataset could not be loaded (split {split!r}; {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the id, the split (--prompts-split), the network and HF_TOKEN"
+        ) from None
+    yield from ds
+
+
+def _mapped(records: Iterator[tuple[Any, str]], fields: Mapping[str, str]) -> Iterator[tuple[Any, str]]:
+    """Rename dataset columns to pkd's fields (id, prompt, messages, reference)."""
+    for record, where in records:
+        if isinstance(record, dict):
+            missing = [col for col in fields.values() if col not in record]
+            if missing:
+                raise InputError(f"{where}: no column {missing[0]!r} (mapped by --prompts-field); columns: {', '.join(sorted(record))}")
+            record = {k: v for k, v in record.items() if k not in fields} | {key: record[col] for key, col in fields.items()}
+        yield record, where
+
+
+def load_prompts(path: str, *, split: str = "train", fields: Mapping[str, str] | None = None) -> list[Prompt]:
+    """Read and validate a prompt set; duplicate ids are an error naming both places. `split`
+    picks a Hub dataset's split; `fields` maps pkd's field names to the data's column names."""
     from pkd.store import storage_fs
 
     fs, root = storage_fs(path)
     if fs.isdir(root):
         records = _table_records(_dataset_rows(path), path)
+    elif not fs.exists(root) and "://" not in path and _HUB_ID.match(path) and not path.endswith((".jsonl", ".json", ".parquet")):
+        records = _table_records(_hub_rows(path, split), f"{path}[{split}]")
     elif not fs.exists(root):
         raise InputError(f"{path}: prompts file not found")
     elif path.endswith(".parquet"):
         records = _table_records(_parquet_rows(path), path)
     else:
         records = _jsonl_records(path)
+    if fields:
+        unknown = sorted(set(fields) - {"id", "prompt", "messages", "reference"})
+        if unknown:
+            raise InputError(f"--prompts-field {unknown[0]}=...: pkd's prompt fields are id, prompt, messages and reference")
+        records = _mapped(records, fields)
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
     for record, where in records:

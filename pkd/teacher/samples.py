@@ -59,6 +59,21 @@ def iter_teacher_samples(folder: Folder, manifest: Manifest, split: str | None =
                         yield TeacherSample(**row)
 
 
+def count_teacher_samples(folder: Folder, manifest: Manifest, split: str | None = None) -> int:
+    """Rows of one split (all rows for None), reading only the `split` column."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    shards = [f for f in manifest.files if f.path.startswith(SHARDS_PREFIX)]
+    if split is None:
+        return sum(f.rows for f in shards)
+    total = 0
+    for f in shards:
+        with folder.open(f.path) as fh:
+            total += pc.sum(pc.equal(pq.read_table(fh, columns=["split"])["split"], split)).as_py() or 0
+    return total
+
+
 def read_teacher_samples(folder: Folder) -> tuple[Manifest, list[TeacherSample]]:
     """All samples of a complete teacher-sample folder, in file order."""
     m = open_teacher_samples(folder)

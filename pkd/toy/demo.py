@@ -235,6 +235,7 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
     teacher samples: NLL per token, top-1 agreement, exact match of the stated answer (the toy
     recipe's [eval] settings, whose answer_pattern is the task family's ANSWER_RE)."""
     from pkd.config import RunConfig, load_recipe
+    from pkd.console import step_console
     from pkd.progress import StepProgress
     from pkd.steps.evaluate import evaluate
 
@@ -252,7 +253,7 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
             jobs += [(v.key, s, str(paths.student(v.key, s) / "model")) for s in seeds]
     say("\nscoring every model on the held-out teacher samples")
     out: dict[str, Any] = {}
-    with StepProgress(len(jobs), description="eval", unit="models") as progress:
+    with step_console("eval", str(paths.run / "eval")), StepProgress(len(jobs), description="eval", unit="models") as progress:
         for key, seed, model in jobs:
             cfg = base.model_copy(update={"model": model, "samples": str(paths.artifact("teacher-heldout"))})
             report = evaluate(cfg, RunConfig())

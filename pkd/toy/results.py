@@ -75,8 +75,8 @@ def results_table(results: dict[str, Any]) -> Table:
     )
     t.add_column("student")
     t.add_column("exact match", justify="right")
-    t.add_column("NLL / token of teacher responses", justify="right")
-    t.add_column("top-1 agreement", justify="right")
+    t.add_column("NLL/token", justify="right")  # of the teacher's responses; short: 80 columns
+    t.add_column("top-1 agree", justify="right")
     for v in results["variants"]:
         em, nll, agree = (v[m] for m in METRICS)
         style = "bold" if v["key"] == "proxy_kd" else None

@@ -1,4 +1,5 @@
-"""Plain torch SFT, greedy decoding and teacher-forced agreement for the toy world's tiny models.
+"""Plain torch SFT and greedy decoding for the toy world's tiny models (teacher-forced agreement
+through the engine's scorer).
 
 A hand-written loop rather than a Trainer: measured on the teacher (batch 64, one thread) it took
 0.21-0.23 s a step against Trainer's 0.23-0.25, and it needs no dataset or collator classes, no
@@ -137,23 +138,14 @@ def greedy_responses(
     return out
 
 
-@torch.no_grad()
 def agreement(
     model: PreTrainedModel, examples: Sequence[Example], pad_id: int, batch_size: int = 256
 ) -> dict[str, float]:
     """Teacher-forced on reference responses: top-1 agreement (how often the model's argmax is
-    the reference's next token) and NLL per token, over the loss positions of `examples`."""
-    model.eval()
-    hits = tokens = 0
-    nll = 0.0
-    for i in range(0, len(examples), batch_size):
-        ids, labels = _batch(examples[i : i + batch_size], pad_id)
-        logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
-        target = labels[:, 1:]  # (B, T-1)
-        mask = target != IGNORE
-        logp = torch.log_softmax(logits, dim=-1)
-        safe = target.clamp(min=0)
-        nll -= logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
-        hits += (logits.argmax(-1) == target)[mask].sum().item()
-        tokens += mask.sum().item()
-    return {"agreement": hits / max(1, tokens), "nll_per_token": nll / max(1, tokens)}
+    the reference's next token) and NLL per token, over the loss positions of `examples`, by
+    the engine's scorer (pkd.engines.hf.score_model)."""
+    from pkd.engines.hf import teacher_forced_metrics
+
+    width = max((len(e.ids) for e in examples), default=1)
+    m = teacher_forced_metrics(model, [e.ids for e in examples], [e.loss_start for e in examples], batch_tokens=batch_size * width, pad_id=pad_id)
+    return {"agreement": m["top1_agreement"], "nll_per_token": m["nll_per_token"]}

@@ -1,0 +1,114 @@
+"""One program's console: while a step runs, the terminal shows only pkd's own lines and progress;
+everything the libraries print (transformers/TRL log dictionaries, vLLM's INFO lines, warnings,
+their progress bars, child processes' output) goes to the step's log file.
+
+The redirection is done on file descriptors 1 and 2, not on `sys.stdout`: vLLM's worker
+processes, C extensions and loggers bound to the streams at import time all write there. pkd's
+own output goes through `terminal()`, a rich console on a copy of the original stderr.
+
+The log sits beside the step's output folder (`cache/toy/student` -> `cache/toy/student.log`),
+not inside it: every step treats unknown files in its folder as foreign or uncommitted, and a
+pushed cache should not carry a machine's log. With `verbose`, nothing is redirected: the
+libraries print to the terminal as well, and their Python log records also reach the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+# Environment for quiet libraries, in this process and the children it starts.
+QUIET_ENV = {
+    "TQDM_DISABLE": "1",  # every tqdm bar (datasets, hub downloads, vLLM, TRL's ref log probs)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+_terminal_file: IO[str] | None = None  # the saved terminal while a step's output is redirected
+
+
+def terminal() -> Any:
+    """The rich console pkd's own output goes to: the real terminal even while fds 1 and 2 point
+    at a step's log file."""
+    from rich.console import Console
+
+    return Console(file=_terminal_file, stderr=_terminal_file is None, soft_wrap=True)
+
+
+def log_path(out: str, step: str) -> Path:
+    """`<out>.log` beside a local output folder; `pkd-logs/<step>.log` for a remote one (s3://)."""
+    if "://" in out and not out.startswith("file://"):
+        return Path("pkd-logs") / f"{step}.log"
+    folder = Path(out.removeprefix("file://"))
+    rank = os.environ.get("RANK", "0")
+    return folder.with_name(folder.name + (".log" if rank == "0" else f".rank{rank}.log"))
+
+
+@contextmanager
+def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path]:
+    """Run a step with the libraries' output in its log file (appended to, one header per run);
+    prints the log's path first, and again if the step fails."""
+    global _terminal_file
+    path = log_path(out, step).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed below)
+    log.write(f"\n==> {time.strftime('%Y-%m-%d %H:%M:%S')} pkd {step}: {' '.join(sys.argv[1:])}\n")
+    terminal().print(f"[dim]{step}: library output -> {path}[/]", highlight=False)
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
+    saved_fds: tuple[int, int] | None = None
+    if not verbose:
+        os.environ.update(QUIET_ENV)
+        _quiet_loaded_libraries()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved_fds = (os.dup(1), os.dup(2))
+        _terminal_file = os.fdopen(os.dup(saved_fds[1]), "w", buffering=1, encoding="utf-8")
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    failed = False
+    try:
+        yield path
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if saved_fds is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            os.close(saved_fds[0])
+            os.close(saved_fds[1])
+            if _terminal_file is not None:
+                _terminal_file.close()
+            _terminal_file = None
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        root.removeHandler(handler)
+        log.close()
+        if failed:
+            terminal().print(f"[dim]{step}: the libraries' last words are in {path}[/]", highlight=False)
+
+
+def _quiet_loaded_libraries() -> None:
+    """Progress bars of libraries imported before the environment was set (the env covers the
+    rest, and child processes)."""
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()

@@ -1,0 +1,160 @@
+"""One program's console: library output goes to the step's log file, pkd's own lines and bars to
+the terminal; `-v` shows both; tables fit 80 columns; train-student logs true epochs and sends
+CE/KL/weight statistics to the tracker (`--report-to`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+# Every kind of noise a step meets: Trainer's printed dictionaries, a logger, a warning, a raw
+# write to fd 2 (C code) and a child process (vLLM's workers).
+STEP = textwrap.dedent(
+    """
+    import logging, os, subprocess, sys, warnings
+    from pkd.console import step_console, terminal
+
+    with step_console("some-step", sys.argv[1], verbose=sys.argv[2] == "1"):
+        terminal().print("pkd says hello")
+        print("{'train_runtime': 1.0}")
+        logging.getLogger("vllm").warning("vllm engine line")
+        warnings.warn("a torch FutureWarning", FutureWarning)
+        os.write(2, b"raw fd2 line\\n")
+        subprocess.run([sys.executable, "-c", "import sys; print('child says hi'); print('child err', file=sys.stderr)"], check=True)
+        if sys.argv[3] == "fail":
+            raise SystemExit("the step failed")
+    print("after the step")
+    """
+)
+NOISE = ["train_runtime", "vllm engine line", "FutureWarning", "raw fd2 line", "child says hi", "child err"]
+
+
+def run_step(tmp_path: Path, *, verbose: bool, fail: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
+    script = tmp_path / "step.py"
+    script.write_text(STEP)
+    out = tmp_path / "run" / "student"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), "1" if verbose else "0", "fail" if fail else "ok"], capture_output=True, text=True, env=ENV, timeout=60
+    )
+    return proc, tmp_path / "run" / "student.log"
+
+
+def test_library_output_goes_to_the_log_file_and_only_pkd_to_the_terminal(tmp_path):
+    proc, log = run_step(tmp_path, verbose=False)
+    terminal = proc.stdout + proc.stderr
+    assert proc.returncode == 0, terminal
+    assert "pkd says hello" in terminal and "after the step" in terminal
+    assert str(log) in terminal.replace("\n", "")  # the path is printed first
+    assert [n for n in NOISE if n in terminal] == []
+    text = log.read_text()
+    assert [n for n in NOISE if n not in text] == []
+    assert "pkd says hello" not in text
+    assert not (tmp_path / "run" / "student").exists()  # nothing lands in the step's own folder
+
+
+def test_verbose_shows_the_libraries_too(tmp_path):
+    proc, log = run_step(tmp_path, verbose=True)
+    terminal = proc.stdout + proc.stderr
+    assert proc.returncode == 0, terminal
+    assert "pkd says hello" in terminal and "train_runtime" in terminal and "child says hi" in terminal
+    assert "vllm engine line" in log.read_text()  # Python log records reach the file as well
+
+
+def test_a_failing_step_points_at_its_log_and_appends_runs(tmp_path):
+    run_step(tmp_path, verbose=False)
+    proc, log = run_step(tmp_path, verbose=False, fail=True)
+    terminal = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "the step failed" in terminal
+    assert "last words" in terminal and [n for n in NOISE if n in terminal] == []
+    assert log.read_text().count("==> ") == 2  # one header per run, nothing overwritten
+
+
+def _render(renderable) -> list[str]:
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, width=80, force_terminal=False, color_system=None).print(renderable)
+    return buf.getvalue().splitlines()
+
+
+def _fits(lines: list[str]) -> None:
+    assert max(len(line) for line in lines) <= 80
+    assert not [line for line in lines if "…" in line], "a header or cell was cut"
+
+
+def test_proxy_align_report_fits_80_columns():
+    from pkd.align.report import table
+
+    stage = {"nll_per_token": 1.23456, "top1_agreement": 0.654, "tokens": 12345, "samples": 64}
+    rounds = [
+        {"stage": f"round-{k:02d}"} | stage | {"pairs": 1000, "dropped_pairs": 12, "reward_margin": -0.1234, "reward_accuracy": 0.75, "gen_s": 1234.5, "ref_s": 123.4, "train_s": 4321.0}
+        for k in range(1, 4)
+    ]
+    report = {"heldout": {"from": "align", "samples": 64, "tokens": 12345}, "stages": [{"stage": "base"} | stage, {"stage": "warmup"} | stage | {"train_s": 12.0}, *rounds]}
+    lines = _render(table(report))
+    _fits(lines)
+    assert any("round-03" in line and "-0.1234" in line for line in lines)
+    assert sum("round-0" in line for line in lines) == 6  # both tables list every round
+
+
+def test_demo_results_table_fits_80_columns():
+    from pkd.toy.results import results_table
+    from pkd.toy.variants import VARIANTS
+
+    spread = {"mean": 0.577, "std": 0.113}
+    results = {
+        "seeds": [0, 1, 2],
+        "heldout_prompts": 200,
+        "variants": [{"key": v.key, "label": v.label, "exact_match": spread, "nll_per_token": {"mean": 0.114, "std": 0.019}, "top1_agreement": spread} for v in VARIANTS],
+        "teacher": {"exact_match": 1.0},
+        "proxy": {"before_alignment": {"top1_agreement": 0.659, "exact_match": 1.0}, "after_alignment": {"top1_agreement": 0.962, "exact_match": 0.4}},
+        "proxy_kd_gain_over_blackbox_kd": {"exact_match_points": 11.7},
+    }
+    _fits(_render(results_table(results)))
+
+
+def test_train_student_terminal_tracker_and_epochs(tiny_family, scored_cache, tmp_path):
+    """The real command on the tiny family: only pkd's lines on the terminal, Trainer's
+    dictionaries in the log, CE/KL/weights in TensorBoard, epoch = samples / cache rows."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "student"
+    cmd = [sys.executable, str(REPO / "cli.py"), "train-student", "--cache", scored_cache, "--student", str(tiny_family.student), "--out", str(out)]
+    cmd += ["--max-steps", "14", "--batch-size", "4", "--max-length", "64", "--logging-steps", "2", "--precision", "fp32", "--report-to", "tensorboard"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    terminal = proc.stdout + proc.stderr
+    assert proc.returncode == 0, terminal
+    assert "trained" in terminal and "14 steps" in terminal
+    assert "{'" not in terminal and "train_runtime" not in terminal and "Warning" not in terminal
+    assert "train_runtime" in (tmp_path / "student.log").read_text()
+
+    history = json.loads((out / "report.json").read_text())["log_history"]
+    epochs = {h["step"]: h["epoch"] for h in history if "loss" in h}
+    assert epochs[12] == pytest.approx(1.0) and epochs[6] == pytest.approx(0.5)  # 48 rows, 4 per step
+
+    events = next((out / "checkpoints" / "runs").iterdir())
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/kl", "train/w_mean", "train/w_std"} <= tags, tags
+    assert acc.Scalars("train/epoch")[-1].value == pytest.approx(14 / 12, abs=1e-3)
+
+
+def test_report_to_names_a_bad_tracker_in_one_line(tiny_family, scored_cache, tmp_path):
+    from typer.testing import CliRunner
+
+    from pkd.cli import app
+
+    result = CliRunner().invoke(app, ["train-student", "--cache", scored_cache, "--student", str(tiny_family.student), "--out", str(tmp_path / "s"), "--report-to", "tensorbored"])
+    assert result.exit_code == 2 and "report_to = 'tensorbored': not a tracker" in result.output

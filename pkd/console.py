@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from pkd.errors import StorageError
+
 # Environment for quiet libraries, in this process and the children it starts.
 QUIET_ENV = {
     "TQDM_DISABLE": "1",  # every tqdm bar (datasets, hub downloads, vLLM, TRL's ref log probs)
@@ -56,8 +58,11 @@ def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path
     prints the log's path first, and again if the step fails."""
     global _terminal_file
     path = log_path(out, step).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed below)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed below)
+    except OSError as e:  # --out under a file, or in a read-only folder: the step never starts
+        raise StorageError(f"--out {out}: cannot write there (its log {path}: {type(e).__name__}: {e.strerror or e})") from None
     log.write(f"\n==> {time.strftime('%Y-%m-%d %H:%M:%S')} pkd {step}: {' '.join(sys.argv[1:])}\n")
     terminal().print(f"[dim]{step}: library output -> {path}[/]", highlight=False)
     handler = logging.StreamHandler(log)

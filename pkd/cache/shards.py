@@ -76,7 +76,7 @@ def check_finite(s: LogitSample) -> None:
     the write, naming the sample and the position."""
     bad = ~np.isfinite(np.asarray(s.token_logprob, np.float64))
     if bad.any():
-        t = int(np.argmax(bad))
+        t = int(np.flatnonzero(bad)[0])
         raise IntegrityError(f"sample {s.sample_id!r}: token logprob {float(s.token_logprob[t])} at response position {t} is not a finite number; nothing written for this shard (check the proxy's dtype and weights)")
     top = np.asarray(s.topk_logprobs, np.float64)
     if np.isnan(top).any() or np.isposinf(top).any():

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pkd.cache.codec import TopkCodec, topk_tail_kl
+from pkd.cache.coded import Codec, SampledCodec, TopkAnsCodec
+from pkd.cache.shards import ID_TABLE_KEY
 
 CACHE_DIR = Path("cache/bench/smollm2")
 KEEP_K = 128
@@ -176,18 +178,27 @@ def spread_vocab(ids: np.ndarray, src_vocab: int, dst_vocab: int, seed: int = 0)
 
 def _write_parquet(columns: dict[str, np.ndarray], widths: dict[str, int], offsets: np.ndarray,
                    encodings: dict[str, str]) -> bytes:
-    """One row per sample, one list column per stream, zstd; returns the whole file's bytes."""
+    """One row per sample, one list column per stream of fixed width per token, zstd."""
+    return _write_rows({name: (flat, offsets * widths[name]) for name, flat in columns.items()}, encodings, b"")
+
+
+def _write_rows(columns: dict[str, tuple[np.ndarray, np.ndarray]], encodings: dict[str, str], side: bytes) -> bytes:
+    """One row per sample, one list column per stream ((flat values, row offsets)), zstd; the
+    codec's side data (its id table) in the footer as pkd's shards keep it. Whole file bytes."""
     table = pa.table({
-        name: pa.ListArray.from_arrays(pa.array(offsets * widths[name], pa.int32()), pa.array(flat))
-        for name, flat in columns.items()
+        name: pa.ListArray.from_arrays(pa.array(row_offsets, pa.int32()), pa.array(flat))
+        for name, (flat, row_offsets) in columns.items()
     })
     sink = pa.BufferOutputStream()
-    pq.write_table(
-        table, sink, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
+    with pq.ParquetWriter(
+        sink, table.schema, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
         write_statistics=False,
         # list columns are addressed by their leaf path; a bare name would be ignored silently
         column_encoding={f"{name}.list.element": enc for name, enc in encodings.items()},
-    )
+    ) as writer:
+        writer.write_table(table)
+        if side:
+            writer.add_key_value_metadata({ID_TABLE_KEY: side})
     return sink.getvalue().to_pybytes()
 
 
@@ -198,11 +209,34 @@ def _read_flat(buf: bytes) -> dict[str, np.ndarray]:
             for name in table.column_names}
 
 
+def _read_rows(buf: bytes) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], bytes]:
+    """Parquet bytes in memory -> {column: (flat values, row offsets)} and the footer's side data."""
+    pf = pq.ParquetFile(pa.BufferReader(buf))
+    table = pf.read(use_threads=False).combine_chunks()
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).chunk(0)
+        out[name] = (column.values.to_numpy(), column.offsets.to_numpy())
+    return out, (pf.metadata.metadata or {}).get(ID_TABLE_KEY, b"")
+
+
 def pkd_format(codec: TopkCodec, ids: np.ndarray, lp: np.ndarray, offsets: np.ndarray):
     widths = {name: w for name, (_, w) in codec.streams().items()}
     buf = _write_parquet(codec.encode(ids, lp), widths, offsets, codec.parquet_encodings())
     n = len(ids)
     return len(buf), lambda: codec.decode(_read_flat(buf), n)
+
+
+def coded_format(codec: Codec, ids: np.ndarray, lp: np.ndarray, lengths: np.ndarray, counts: np.ndarray | None = None):
+    """A v2 codec (entropy-coded ids): bytes of its shard columns + id table, and its decode."""
+    columns, side = codec.encode_rows(ids, lp, counts, lengths)
+    buf = _write_rows(columns, codec.parquet_encodings(), side)
+
+    def decode():
+        rows, table = _read_rows(buf)
+        return codec.decode_rows(rows, lengths, table)
+
+    return len(buf), decode
 
 
 def naive_format(ids: np.ndarray, lp: np.ndarray, offsets: np.ndarray):
@@ -288,13 +322,14 @@ def run(quick: bool) -> dict:
             ids, lp = np.ascontiguousarray(ids_v[:, :k]), np.ascontiguousarray(lp128[:, :k])
             codec = TopkCodec(k=k, vocab_size=vocab)
             formats = {
-                "pkd": pkd_format(codec, ids, lp, offsets),
+                "pkd v2": coded_format(TopkAnsCodec(k=k, vocab_size=vocab), ids, lp, lengths),
+                "pkd v1": pkd_format(codec, ids, lp, offsets),
                 "naive": naive_format(ids, lp, offsets),
                 "distillkit": distillkit_format(ids, lp, lengths, vocab),
             }
             base = formats["distillkit"][0]
             for name, (nbytes, decode) in formats.items():
-                dec_ids, dec_lp = decode()
+                dec_ids, dec_lp = decode()[:2]
                 if not np.array_equal(dec_ids, ids):
                     raise AssertionError(f"{name}: decoded ids differ (vocab {vocab}, k {k})")
                 rows.append({
@@ -303,7 +338,7 @@ def run(quick: bool) -> dict:
                     "decode_tokens_per_s": _tokens_per_s(decode, n, min_s),
                     "mean_kl": float(topk_tail_kl(lp, dec_lp).mean()),
                     "max_kl": float(topk_tail_kl(lp, dec_lp).max()),
-                    "codec": codec.spec() if name == "pkd" else None,
+                    "codec": codec.spec() if name == "pkd v1" else TopkAnsCodec(k=k, vocab_size=vocab).spec() if name == "pkd v2" else None,
                 })
     return {
         "data": {

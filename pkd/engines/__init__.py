@@ -37,6 +37,7 @@ class ScoreResult:
     topk_ids: np.ndarray  # (T, k) int32, rank order
     topk_logprobs: np.ndarray  # (T, k) float32, descending
     token_logprobs: np.ndarray  # (T,) float32: logprob of the actual token t
+    counts: np.ndarray | None = None  # (T, n) uint8, score_sampled only: draws of each id (0 = padding)
 
 
 class Engine(Protocol):

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pkd.engines import ScoreResult, check_score_args, empty_result, windows
 from pkd.errors import EngineError
 
@@ -139,8 +141,35 @@ class HFEngine:
             for i in group:
                 yield done.get(i) or empty_result(k)
 
-    def _score_batch(self, seqs: list[Sequence[int]], starts: list[int], k: int) -> list[ScoreResult]:
+    def score_sampled(
+        self,
+        sequences: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        n: int,
+        *,
+        seeds: Sequence[int],
+        temperature: float = 1.0,
+    ) -> Iterator[ScoreResult]:
+        """Teacher-forced like score_topk, but per position n draws from the full distribution
+        (softmax of the logits / `temperature`), seeded per sequence: ScoreResult rows hold the
+        distinct ids, their counts and their untempered logprobs (pkd.engines.draws)."""
+        check_score_args(sequences, starts, 1, self.max_logprobs, self.vocab_size)
+        lengths = [len(s) for s in sequences]
+        for group in windows(lengths, self.batch_tokens * WINDOW_BATCHES):
+            done: dict[int, ScoreResult] = {}
+            todo = [i for i in group if starts[i] < lengths[i]]
+            for batch in _batches(todo, lengths, self.batch_tokens, sort=True):
+                draw = [(n, temperature, seeds[i]) for i in batch]
+                scored = self._score_batch([sequences[i] for i in batch], [starts[i] for i in batch], n, draw)
+                done.update(zip(batch, scored))
+            for i in group:
+                yield done.get(i) or ScoreResult(np.zeros((0, n), np.int32), np.zeros((0, n), np.float32), np.zeros(0, np.float32), np.zeros((0, n), np.uint8))
+
+    def _score_batch(self, seqs: list[Sequence[int]], starts: list[int], k: int, draw: list[tuple[int, float, int]] | None = None) -> list[ScoreResult]:
+        """Top-k of each position, or with `draw` ((n, temperature, seed) per sequence) draws."""
         import torch
+
+        from pkd.engines.draws import draw_unique
 
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
@@ -160,9 +189,13 @@ class HFEngine:
                 # (T, V); like vLLM, over the config's vocabulary should lm_head be padded wider
                 rows = logits[row, start - 1 - lo : len(s) - 1 - lo, : self.vocab_size]
                 logprobs = rows.float().log_softmax(-1)  # one sequence at a time: bounded float32 copy
-                top_lp, top_ids = logprobs.topk(k, dim=-1)  # (T, k), descending
                 target = torch.as_tensor(s[start:], device=self.device)  # (T,)
                 token_lp = logprobs.gather(-1, target[:, None])[:, 0]  # (T,)
+                if draw is not None:
+                    ids_, counts, lps = draw_unique(logprobs, *draw[row])  # (T, n) each
+                    results.append(ScoreResult(ids_, lps, token_lp.cpu().numpy(), counts))
+                    continue
+                top_lp, top_ids = logprobs.topk(k, dim=-1)  # (T, k), descending
                 results.append(
                     ScoreResult(
                         topk_ids=top_ids.to(torch.int32).cpu().numpy(),

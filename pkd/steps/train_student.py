@@ -158,7 +158,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         train_dataset=stream,
         processing_class=tokenizer,
         callbacks=callbacks,
-        kd=KDSettings(alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature),
+        kd=KDSettings(alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature, proposal_temperature=float(manifest.codec.get("params", {}).get("proposal_temperature", 1.0))),
     )
     last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] if last else 0

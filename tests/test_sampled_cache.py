@@ -96,3 +96,16 @@ def test_format_v1_caches_still_read_verify_and_merge(tmp_path: Path) -> None:
     out = Folder(str(tmp_path / "v1-merged"))
     merged = merge(parts, out)
     assert merged.format_version == 1 and merged.rows == 10 and verify(out).ok
+
+
+def test_train_student_on_a_sampled_cache(tiny_family, sampled_cache: str, tmp_path: Path) -> None:
+    """The trainer picks the RS-KD loss for a sampled cache; CE and the KL estimate are logged."""
+    import json
+
+    from pkd.config import TrainStudentConfig
+    from pkd.steps.train_student import train_student
+
+    cfg = TrainStudentConfig(cache=sampled_cache, student=str(tiny_family.student), out=str(tmp_path / "s"), learning_rate=3e-3, per_device_batch_size=4, max_length=64, logging_steps=1, max_steps=4, save_steps=10, precision="fp32", shuffle_buffer=64, data_streams=1)
+    assert train_student(cfg, RunConfig()).status == "trained"
+    logged = [h for h in json.loads((tmp_path / "s" / "report.json").read_text())["log_history"] if "loss" in h]
+    assert len(logged) == 4 and all(np.isfinite(h["loss"]) and h["kl"] > 0 and h["ce"] > 0 for h in logged)

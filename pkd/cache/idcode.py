@@ -83,8 +83,11 @@ class IdModel:
         """uint32 words of one ANS message -> (n,) int32 ids."""
         if not n:
             return np.zeros(0, np.int32)
-        coder = stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
-        symbols = coder.decode(self._model, n)  # (n,) alphabet indices
+        try:
+            coder = stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+            symbols = coder.decode(self._model, n)  # (n,) alphabet indices
+        except (ValueError, RuntimeError, AssertionError) as e:  # what constriction raises on bad words
+            raise CodecError(f"id model: corrupt id stream ({e})") from None
         if not coder.is_empty():  # a message decodes to exactly its symbols, no words left over
             raise CodecError("id model: corrupt id stream (words left after decoding)")
         return self.ids[symbols]

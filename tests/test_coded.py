@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pkd.cache.codec import TopkCodec
-from pkd.cache.coded import SampledCodec, TopkAnsCodec, codec_from_spec
-from pkd.cache.idcode import IdModel
+from pkd.cache.coded import SampledCodec, TopkAnsCodec, _join_tables, _split_tables, codec_from_spec
+from pkd.cache.entropy import IdModel
 from pkd.errors import CodecError
 
 V = 3000
@@ -28,7 +28,7 @@ def test_topk_v2_decodes_exactly_like_v1_and_codes_ids_below_16_bits() -> None:
     v2 = TopkAnsCodec(k=16, vocab_size=V)
     columns, side = v2.encode_rows(ids, lp, None, lengths)
     got_ids, got_lp, counts = v2.decode_rows(columns, lengths, side)
-    v1 = TopkCodec(k=16, vocab_size=V)
+    v1 = TopkCodec(k=16, vocab_size=V, lp_step=v2.lp_step)  # the same quantisation grid
     ref_ids, ref_lp = v1.decode(v1.encode(ids, lp), len(ids))
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_lp, ref_lp)
@@ -68,8 +68,10 @@ def test_corrupt_or_unknown_input_is_refused() -> None:
     ids, lp = _topk(rng, 30, 8)
     codec = TopkAnsCodec(k=8, vocab_size=V)
     columns, side = codec.encode_rows(ids, lp, None, lengths)
-    with pytest.raises(CodecError, match="frequency table"):
+    with pytest.raises(CodecError, match="corrupt"):
         codec.decode_rows(columns, lengths, side[:10])
+    with pytest.raises(CodecError, match="corrupt frequency table"):
+        codec.decode_rows(columns, lengths, _join_tables(b"\x05\0\0\0garbage", _split_tables(side)[1]))
     words, offsets = columns["ids"]
     with pytest.raises(CodecError):
         codec.decode_rows({**columns, "ids": (words[:-2], offsets - np.array([0, 2]))}, lengths, side)

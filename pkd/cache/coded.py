@@ -1,8 +1,9 @@
 """The logit-cache codecs of format v2: ids entropy-coded against the shard's own frequencies
-(pkd.cache.idcode), logprob levels and tails quantised as in codec v1 (pkd.cache.codec).
+(pkd.cache.entropy), logprob levels and tails quantised as in codec v1 (pkd.cache.codec).
 
-- `topk` v2 (`TopkAnsCodec`): the proxy's top-k per position, as v1 but with the ids ANS-coded
-  in their own column and the level deltas in a uint16 column.
+- `topk` v2 (`TopkAnsCodec`): the proxy's top-k per position, v1's quantisation, with the ids
+  ANS-coded against the shard's id table and the level deltas against per-rank tables (both
+  tables in the shard's footer), one message per row in each column.
 - `sampled` v1 (`SampledCodec`): N draws per position from the proxy's full distribution
   (RS-KD, Anshumann et al. 2025), stored as the distinct ids, their counts and the proxy's
   logprob of each. Entries of a position are sorted by descending logprob, so the level deltas
@@ -21,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 
 from pkd.cache.codec import TopkCodec, _nearest
-from pkd.cache.idcode import IdModel
+from pkd.cache.entropy import IdModel, RankModel
 from pkd.errors import CodecError
 
 Columns = dict[str, tuple[np.ndarray, np.ndarray]]  # column -> (flat values, (S+1,) row offsets)
@@ -46,6 +47,22 @@ def _decode_rows(model: IdModel, words: np.ndarray, word_offsets: np.ndarray, of
     return out
 
 
+def _join_tables(*tables: bytes) -> bytes:
+    """Several side tables in one footer value: each prefixed by its uint32 length."""
+    return b"".join(np.uint32(len(t)).tobytes() + t for t in tables)
+
+
+def _split_tables(side: bytes) -> list[bytes]:
+    out, at = [], 0
+    while at < len(side):
+        size = int(np.frombuffer(side[at : at + 4], "<u4")[0]) if len(side) >= at + 4 else -1
+        if size < 0 or at + 4 + size > len(side):
+            raise CodecError("codec: corrupt side tables in the shard footer")
+        out.append(side[at + 4 : at + 4 + size])
+        at += 4 + size
+    return out
+
+
 def _spec_params(cls: type, spec: dict, allowed: set[str]) -> dict:
     if not isinstance(spec, dict):
         raise CodecError(f"codec spec must be a JSON object, got {type(spec).__name__}.")
@@ -64,7 +81,7 @@ class TopkAnsCodec:
 
     k: int
     vocab_size: int
-    lp_step: float = 0.008
+    lp_step: float = 0.011  # v1's 0.008 gave 4.9e-5 nats/token at k = 20; this 6.7e-5 (bench/codec.py)
     lp_step_max: float = 0.1
     tail_step: float = 0.02
     tail_step_max: float = 0.5
@@ -90,11 +107,11 @@ class TopkAnsCodec:
         return cls(k=spec["k"], vocab_size=spec["vocab_size"], **params)
 
     def columns(self) -> dict[str, np.dtype]:
-        return {"ids": np.dtype(np.uint32), "levels": np.dtype(np.uint16), "tail": np.dtype(np.uint8)}
+        return {"ids": np.dtype(np.uint32), "levels": np.dtype(np.uint32), "tail": np.dtype(np.uint8)}
 
     def parquet_encodings(self) -> dict[str, str]:
-        # ANS words are incompressible: PLAIN. Levels and tails: byte planes, as in v1.
-        return {"ids": "PLAIN", "levels": "BYTE_STREAM_SPLIT", "tail": "BYTE_STREAM_SPLIT"}
+        # ANS words are incompressible: PLAIN. Tails: byte planes, as in v1.
+        return {"ids": "PLAIN", "levels": "PLAIN", "tail": "BYTE_STREAM_SPLIT"}
 
     def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray | None, lengths: np.ndarray) -> tuple[Columns, bytes]:
         """(N, k) top-k of S rows of `lengths` positions -> columns + the shard's id table."""
@@ -104,20 +121,37 @@ class TopkAnsCodec:
         tokens = _row_offsets(lengths)
         model = IdModel.fit(flat_ids)
         words, word_offsets = _code_rows(model, flat_ids, tokens * self.k)
-        levels = (entries >> self._v1._id_bits).astype(np.uint16)
-        return {"ids": (words, word_offsets), "levels": (levels, tokens * self.k), "tail": (streams["tail"], tokens)}, model.to_bytes()
+        deltas = (entries >> self._v1._id_bits).astype(np.int32).reshape(-1, self.k)  # (N, k)
+        ranks = RankModel.fit(deltas) if len(deltas) else RankModel(tuple(np.ones(1, np.uint8) for _ in range(self.k)))
+        messages = [ranks.encode(deltas[a:b]) for a, b in zip(tokens[:-1], tokens[1:])]
+        level_words = np.concatenate(messages) if messages else np.zeros(0, np.uint32)
+        level_offsets = _row_offsets(np.array([len(m) for m in messages], dtype=np.int64))
+        columns = {"ids": (words, word_offsets), "levels": (level_words, level_offsets), "tail": (streams["tail"], tokens)}
+        return columns, _join_tables(model.to_bytes(), ranks.to_bytes())
 
     def decode_rows(self, columns: Columns, lengths: np.ndarray, side: bytes) -> tuple[np.ndarray, np.ndarray, None]:
         n = int(lengths.sum())
         for name in self.columns():
             if name not in columns:
                 raise CodecError(f"topk v2 codec: column {name!r} missing.")
-        levels, tail = columns["levels"][0], columns["tail"][0]
-        if len(levels) != n * self.k or len(tail) != n:
-            raise CodecError(f"topk v2 codec: {len(levels)} levels and {len(tail)} tails for {n} tokens × k={self.k}.")
+        tail = columns["tail"][0]
+        if len(tail) != n:
+            raise CodecError(f"topk v2 codec: {len(tail)} tails for {n} tokens.")
+        tables = _split_tables(side)
+        if len(tables) != 2:
+            raise CodecError(f"topk v2 codec: the shard footer holds {len(tables)} side tables, expected 2 (ids, levels).")
+        id_table, rank_table = tables
+        tokens = _row_offsets(lengths)
         words, word_offsets = columns["ids"]
-        ids = _decode_rows(IdModel.from_bytes(side), words, word_offsets, _row_offsets(lengths) * self.k)
-        logprobs = self._v1.decode_levels(levels.astype(np.uint16).reshape(n, self.k), tail.astype(np.uint8))
+        ids = _decode_rows(IdModel.from_bytes(id_table), words, word_offsets, tokens * self.k)
+        ranks = RankModel.from_bytes(rank_table)
+        if len(ranks.levels) != self.k:
+            raise CodecError(f"topk v2 codec: the shard's level tables are for k={len(ranks.levels)}, not {self.k}.")
+        deltas = np.empty((n, self.k), np.uint16)
+        level_words, level_offsets = columns["levels"]
+        for i in range(len(lengths)):
+            deltas[tokens[i] : tokens[i + 1]] = ranks.decode(level_words[level_offsets[i] : level_offsets[i + 1]], int(lengths[i]))
+        logprobs = self._v1.decode_levels(deltas, tail.astype(np.uint8))
         return ids.reshape(n, self.k), logprobs, None
 
 

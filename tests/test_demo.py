@@ -118,3 +118,13 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_sampled_cache_is_compared_with_top20_paired_over_seeds() -> None:
+    from pkd.toy.results import paired
+
+    scores = _scores()
+    d = paired(scores, "sampled_cache", "proxy_kd", (0, 1, 2))["nll_per_token"]
+    want = scores["sampled_cache"]["0"]["nll_per_token"] - scores["proxy_kd"]["0"]["nll_per_token"]
+    assert d["values"] == pytest.approx([want] * 3) and d["mean"] == pytest.approx(want)
+    assert d["ci95"][0] == pytest.approx(want) and d["ci95"][1] == pytest.approx(want)  # no spread: a point

@@ -14,7 +14,7 @@ from pkd.cache.codec import TopkCodec
 from pkd.cache.ops import merge, verify
 from pkd.cache.shards import LogitCacheWriter, iter_samples
 from pkd.config import RunConfig
-from pkd.errors import CompatibilityError, ConfigError
+from pkd.errors import CompatibilityError
 from pkd.records import LogitCacheManifest
 from pkd.steps.cache_logits import run_cache_logits
 from pkd.store import Folder
@@ -71,9 +71,26 @@ def test_parts_draw_the_same_ids_as_one_run(root: Path, sampled_cache: str, hf_c
         merge([Folder(sampled_cache), Folder(hf_cache)], Folder(str(root / "mixed")))
 
 
-def test_sampled_mode_refuses_vllm(root: Path) -> None:  # noqa: F811
-    with pytest.raises(ConfigError, match="transformers engine"):
-        run_cache_logits(config(root, "sampled-vllm", mode="sampled", engine="vllm"), RunConfig(), progress=False)
+def test_sampled_mode_refuses_vllm_in_one_line(root: Path, tmp_path: Path) -> None:  # noqa: F811
+    from typer.testing import CliRunner
+
+    from pkd.cli import app
+
+    result = CliRunner().invoke(app, ["cache-logits", "--teacher", str(root / "teacher"), "--proxy", str(root / "proxy"), "--sampled", "4", "--engine", "vllm", "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "transformers engine" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["cache-logits", "--teacher", str(root / "teacher"), "--proxy", str(root / "proxy"), "--sampled", "0", "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "'samples'" in result.output and "Traceback" not in result.output
+
+
+def test_inspect_shows_the_sampled_codec(sampled_cache: str) -> None:
+    from typer.testing import CliRunner
+
+    from pkd.cli import app
+
+    result = CliRunner().invoke(app, ["cache", "inspect", sampled_cache])
+    assert result.exit_code == 0, result.output
+    assert "sampled v1" in result.output and "v2" in result.output
 
 
 def test_format_v1_caches_still_read_verify_and_merge(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ Both share one interface with v1 (`kind`, `k`, `spec`, `columns`, `parquet_encod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
@@ -171,15 +171,18 @@ class SampledCodec:
     name: ClassVar[str] = "sampled"
     version: ClassVar[int] = 1
     kind: ClassVar[str] = "sampled"
-    _grid_codec: TopkCodec = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or not 1 <= self.k <= MAX_SAMPLES:
             raise CodecError(f"sampled codec: samples={self.k!r} must be an integer in [1, {MAX_SAMPLES}].")
         if not isinstance(self.proposal_temperature, (int, float)) or not 0.05 <= self.proposal_temperature <= 20:
             raise CodecError(f"sampled codec: proposal_temperature={self.proposal_temperature!r} must be in [0.05, 20].")
-        # the −logprob grid of codec v1 (k is irrelevant to it)
-        object.__setattr__(self, "_grid_codec", TopkCodec(1, self.vocab_size, self.lp_step, self.lp_step_max))
+        self._grid_codec  # validates vocab_size and the steps
+
+    @cached_property
+    def _grid_codec(self) -> TopkCodec:
+        """Codec v1 with these steps: its −logprob grid (k is irrelevant to it)."""
+        return TopkCodec(1, self.vocab_size, self.lp_step, self.lp_step_max)
 
     def spec(self) -> dict:
         params = {"proposal_temperature": self.proposal_temperature, "lp_step": self.lp_step, "lp_step_max": self.lp_step_max}

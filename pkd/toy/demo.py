@@ -212,12 +212,7 @@ class _Steps:
         )  # fmt: skip
         self.pkd("cache-logits", *common, "--out", self.paths.artifact("logits"))
         self.pkd("cache-logits", *common, "--no-adapter", "--out", self.paths.artifact("logits-unaligned"))
-        # RS-KD: draws from the proxy tempered like the students' KD target, so the draw
-        # frequencies are the loss's weights as they are (no importance weighting)
-        from pkd.config import load_recipe
-
-        tau = str(load_recipe().train_student.temperature)
-        self.pkd("cache-logits", *common, "--sampled", str(SAMPLES), "--proposal-temperature", tau, "--out", self.paths.artifact("logits-sampled"))
+        self.pkd("cache-logits", *common, "--sampled", str(SAMPLES), "--out", self.paths.artifact("logits-sampled"))
 
     def train_students(self, runs: list[tuple[Variant, int]]) -> None:
         commands = []

@@ -26,7 +26,8 @@ VARIANTS = (
     Variant("unaligned_proxy", "Proxy-KD, unaligned proxy", "unaligned"),
     Variant("no_weights", "Proxy-KD, no sample weights", "aligned", ("--uniform-weights",)),
     Variant("proxy_kd", "Proxy-KD (full)", "aligned"),
-    Variant("sampled_cache", "Proxy-KD, sampled cache (N = 12)", "sampled"),
+    # RS-KD is unbiased when the draws come from the proxy itself and the KD temperature is 1
+    Variant("sampled_cache", "Proxy-KD, sampled cache (N = 12)", "sampled", ("--temperature", "1")),
 )
 SAMPLES = 12  # draws per position of the "sampled" cache
 CACHE_DIRS = {"aligned": "logits", "unaligned": "logits-unaligned", "sampled": "logits-sampled"}

@@ -81,3 +81,15 @@ def test_corrupt_or_unknown_input_is_refused() -> None:
         codec_from_spec({**codec.spec(), "version": 9})
     with pytest.raises(CodecError, match="samples"):
         SampledCodec(k=300, vocab_size=V)
+
+
+def test_one_symbol_alphabets_code() -> None:
+    """A shard whose ids (or a rank's level deltas) take a single value still codes."""
+    ids = np.tile(np.array([[7, 3]], np.int32), (5, 1))
+    lp = np.tile(np.array([[-0.1, -3.0]], np.float32), (5, 1))
+    codec = TopkAnsCodec(k=2, vocab_size=V)
+    columns, side = codec.encode_rows(ids, lp, None, np.array([5]))
+    got, _, _ = codec.decode_rows(columns, np.array([5]), side)
+    np.testing.assert_array_equal(got, ids)
+    one = IdModel.fit(np.array([4, 4, 4]))
+    assert one.decode(one.encode(np.array([4, 4])), 2).tolist() == [4, 4]

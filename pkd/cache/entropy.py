@@ -110,6 +110,8 @@ def _categorical(levels: bytes) -> stream.model.Categorical:
             probs = np.where(q > 0, np.exp2((q - 1) / _COUNT_STEPS), 0.0)
         else:
             probs = np.exp2(np.frombuffer(levels, np.uint8) / _COUNT_STEPS)  # (S,) unnormalised
+        if len(probs) < 2:  # constriction needs two symbols at least: add one that never occurs
+            probs = np.append(probs, 0.0)
         model = stream.model.Categorical(probs, perfect=False)
         if len(_MODELS) >= 256:  # a shard's id table and its k rank tables, a few shards
             _MODELS.pop(next(iter(_MODELS)))

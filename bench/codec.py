@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from pkd.cache.codec import TopkCodec, topk_tail_kl
 from pkd.cache.coded import Codec, SampledCodec, TopkAnsCodec  # noqa: F401 (Codec: annotations)
-from pkd.cache.shards import ID_TABLE_KEY
+from pkd.cache.shards import TABLES_KEY
 
 CACHE_DIR = Path("cache/bench/smollm2")
 KEEP_K = 128
@@ -186,7 +186,7 @@ def _write_parquet(columns: dict[str, np.ndarray], widths: dict[str, int], offse
 
 def _write_rows(columns: dict[str, tuple[np.ndarray, np.ndarray]], encodings: dict[str, str], side: bytes) -> bytes:
     """One row per sample, one list column per stream ((flat values, row offsets)), zstd; the
-    codec's side data (its id table) in the footer as pkd's shards keep it. Whole file bytes."""
+    codec's side data (its frequency tables) in the footer as pkd's shards keep it. Whole file bytes."""
     table = pa.table({
         name: pa.ListArray.from_arrays(pa.array(row_offsets, pa.int32()), pa.array(flat))
         for name, (flat, row_offsets) in columns.items()
@@ -200,7 +200,7 @@ def _write_rows(columns: dict[str, tuple[np.ndarray, np.ndarray]], encodings: di
     ) as writer:
         writer.write_table(table)
         if side:
-            writer.add_key_value_metadata({ID_TABLE_KEY: side})
+            writer.add_key_value_metadata({TABLES_KEY: side})
     return sink.getvalue().to_pybytes()
 
 
@@ -219,7 +219,7 @@ def _read_rows(buf: bytes) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], by
     for name in table.column_names:
         column = table.column(name).chunk(0)
         out[name] = (column.values.to_numpy(), column.offsets.to_numpy())
-    return out, (pf.metadata.metadata or {}).get(ID_TABLE_KEY, b"")
+    return out, (pf.metadata.metadata or {}).get(TABLES_KEY, b"")
 
 
 def pkd_format(codec: TopkCodec, ids: np.ndarray, lp: np.ndarray, offsets: np.ndarray):
@@ -230,7 +230,7 @@ def pkd_format(codec: TopkCodec, ids: np.ndarray, lp: np.ndarray, offsets: np.nd
 
 
 def coded_format(codec: Codec, ids: np.ndarray, lp: np.ndarray, lengths: np.ndarray, counts: np.ndarray | None = None):
-    """A v2 codec (entropy-coded ids): bytes of its shard columns + id table, and its decode."""
+    """A v2 codec (entropy-coded ids): bytes of its shard columns + tables, and its decode."""
     columns, side = codec.encode_rows(ids, lp, counts, lengths)
     buf = _write_rows(columns, codec.parquet_encodings(), side)
 

@@ -114,7 +114,7 @@ class TopkAnsCodec:
         return {"ids": "PLAIN", "levels": "PLAIN", "tail": "BYTE_STREAM_SPLIT"}
 
     def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray | None, lengths: np.ndarray) -> tuple[Columns, bytes]:
-        """(N, k) top-k of S rows of `lengths` positions -> columns + the shard's id table."""
+        """(N, k) top-k of S rows of `lengths` positions -> columns + the shard's tables."""
         streams = self._v1.encode(ids, logprobs)
         entries = streams["entries"]  # (N·k,) id | delta << id_bits
         flat_ids = (entries & np.uint32((1 << self._v1._id_bits) - 1)).astype(np.int32)

@@ -1,11 +1,12 @@
 """The logit cache, format v2: Parquet shards of the proxy's distributions + a manifest.
 
 One row per (prompt, teacher response) sample. The codec (pkd.cache.coded) turns each sample's
-(T, k) top-k — or sampled — ids/logprobs into `list<...>` columns: ids ANS-coded against the
-shard's own frequency table (kept in the Parquet footer's key-value metadata under `pkd.ids`),
-the rest left to Parquet's zstd. Format v1 shards (codec topk v1: no table) still read. Shards are written whole under a temporary name and renamed into place; the
-manifest is rewritten after every shard (complete=False) and finally with μ/γ (complete=True),
-so an interrupted writer resumes from its last committed shard.
+(T, k) top-k — or sampled — ids/logprobs into `list<...>` columns, entropy-coded against the
+shard's own frequency tables (kept in the Parquet footer's key-value metadata under
+`pkd.tables`); Parquet's zstd does the rest. Format v1 shards (codec topk v1: no tables) still
+read. Shards are written whole under a temporary name and renamed into place; the manifest is
+rewritten after every shard (complete=False) and finally with μ/γ (complete=True), so an
+interrupted writer resumes from its last committed shard.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pkd.records import FileEntry, LogitCacheManifest, SeqLogprobStats, logit_ca
 from pkd.store import Folder
 
 FILE_META_KEY = b"pkd"
-ID_TABLE_KEY = b"pkd.ids"  # the shard's id frequency table (footer only: not in the Arrow schema)
+TABLES_KEY = b"pkd.tables"  # the codec's frequency tables (footer only: not in the Arrow schema)
 SHARD_DIR = "data"
 ROW_GROUP_ROWS = 256  # unit of streaming and of work split between ranks
 
@@ -75,7 +76,7 @@ def file_metadata(manifest: LogitCacheManifest) -> dict[str, object]:
 
 
 def encode_table(samples: list[LogitSample], codec: Codec) -> tuple[pa.Table, bytes]:
-    """Samples -> Arrow table of the cache schema, and the shard's side data (its id table)."""
+    """Samples -> Arrow table of the cache schema, and the shard's side data (its codec's tables)."""
     lengths = np.array([s.num_tokens for s in samples], dtype=np.int64)
     for s in samples:
         if s.topk_ids.shape != (s.num_tokens, codec.k) or s.topk_logprobs.shape != (s.num_tokens, codec.k):
@@ -119,7 +120,7 @@ def write_shard(folder: Folder, rel: str, samples: list[LogitSample], manifest: 
     ) as writer:
         writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         if side:  # footer key-value metadata only: the Arrow schema would store it twice
-            writer.add_key_value_metadata({ID_TABLE_KEY: side})
+            writer.add_key_value_metadata({TABLES_KEY: side})
     data = buf.getvalue()
     folder.write_bytes(rel, data)
     return FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=len(samples), tokens=int(table["num_tokens"].to_numpy().sum()) if len(samples) else 0)
@@ -134,7 +135,7 @@ def open_shard(folder: Folder, rel: str) -> pq.ParquetFile:
 
 def shard_side(pf: pq.ParquetFile) -> bytes:
     """The side data the codec wrote beside a shard's rows (b"" for codec v1)."""
-    return (pf.metadata.metadata or {}).get(ID_TABLE_KEY, b"")
+    return (pf.metadata.metadata or {}).get(TABLES_KEY, b"")
 
 
 def check_shard_header(folder: Folder, rel: str, pf: pq.ParquetFile, manifest: LogitCacheManifest) -> None:

@@ -31,8 +31,9 @@ def paired(scores: dict[str, dict[str, dict[str, Any]]], a: str, b: str, seeds: 
     out = {}
     for m in METRICS:
         diffs = [float(scores[a][str(s)][m]) - float(scores[b][str(s)][m]) for s in seeds]
-        half = _T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-        out[m] = {"mean": statistics.fmean(diffs), "ci95": [statistics.fmean(diffs) - half, statistics.fmean(diffs) + half], "values": diffs}
+        mean = statistics.fmean(diffs)
+        half = _T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        out[m] = {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "values": diffs}
     return out
 
 
@@ -111,7 +112,8 @@ def results_table(results: dict[str, Any]) -> Table:
         f"Proxy-KD − black-box KD: {gain:+.1f} points exact match"
     )
     d = results["sampled_minus_topk20"]["nll_per_token"]
-    t.caption += f"; sampled (N = 12) − top-20 NLL per token, paired over seeds: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+    interval = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else " (one seed: no interval)"
+    t.caption += f"; sampled (N = 12) − top-20 NLL per token, paired over seeds: {d['mean']:+.3f}{interval}"
     if "cache_bytes_per_token" in results:
         b = results["cache_bytes_per_token"]
         t.caption += f"; cache bytes/token: top-20 {b['aligned']:.1f}, sampled {b['sampled']:.1f} ({b['sampled'] / b['aligned']:.2f}×)"

@@ -222,6 +222,8 @@ def cache_logits(
     out: Annotated[str | None, typer.Option(help="Cache folder or URI (default: <run.root>/<run.name>/logits, or logits-parts/I-of-N with --part).")] = None,
     split: Annotated[str | None, typer.Option(help="Split to score: distill (D_s, the default), align or warmup.")] = None,
     k: Annotated[int | None, typer.Option("--k", help="Top-k ids/logprobs kept per response position.")] = None,
+    sampled: Annotated[int | None, typer.Option("--sampled", help="Instead of the top-k: N draws per position from the proxy's full distribution (RS-KD; transformers engine).")] = None,
+    proposal_temperature: Annotated[float | None, typer.Option(help="--sampled: temperature of the distribution drawn from (≠ 1: the loss importance-weights the draws).")] = None,
     max_logprobs: Annotated[int | None, typer.Option(help="Largest k the engine accepts (vLLM's max_logprobs, default 20).")] = None,
     engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.")] = None,
@@ -241,7 +243,7 @@ def cache_logits(
 
     flags = dict(
         proxy=proxy, teacher=teacher, model=model, adapter=adapter, no_adapter=no_adapter, student=student, out=out, split=split, k=k,
-        max_logprobs=max_logprobs, engine=engine, dtype=dtype, max_length=max_length, overflow=overflow, part=part,
+        mode="sampled" if sampled is not None else None, samples=sampled, proposal_temperature=proposal_temperature, max_logprobs=max_logprobs, engine=engine, dtype=dtype, max_length=max_length, overflow=overflow, part=part,
         shard_rows=shard_rows, batch_tokens=batch_tokens, gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
@@ -266,7 +268,7 @@ def cache_logits(
     ]
     for key, value in rows:
         t.add_row(key, value)
-    t.caption = f"k={m.codec['k']}, vocab {m.vocab_size:,}; {s.elapsed_s:.1f} s in all"
+    t.caption = f"{m.codec['name']} k={m.codec['k']}, vocab {m.vocab_size:,}; {s.elapsed_s:.1f} s in all"
     console.print(t)
 
 

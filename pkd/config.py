@@ -254,6 +254,9 @@ class CacheLogitsConfig(Section):
     out: str | None = None  # default: [run] artifact_dir("logits"), or logits-parts/I-of-N with --part
     split: Literal["warmup", "align", "distill"] = "distill"
     k: int = Field(default=20, ge=1, le=1024)  # top-k kept per position (paper: 10)
+    mode: Literal["topk", "sampled"] = "topk"  # sampled: `samples` draws per position from the full distribution (RS-KD)
+    samples: int = Field(default=12, ge=1, le=255)  # sampled mode: draws per position
+    proposal_temperature: float = Field(default=1.0, ge=0.05, le=20.0)  # sampled mode: draws from softmax(logits / this)
     max_logprobs: int = Field(default=20, ge=1)  # engine limit on k (vLLM's max_logprobs)
     engine: Literal["vllm", "hf", "auto"] = "auto"
     dtype: str = "auto"  # auto: the checkpoint's dtype; e.g. bfloat16 on GPU

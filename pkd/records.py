@@ -20,7 +20,8 @@ from pkd import __version__
 from pkd.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
-LOGITS_FORMAT_VERSION = 1
+LOGITS_FORMAT_VERSION = 2  # v2: codecs topk v2 (entropy-coded ids) and sampled v1; v1 (topk v1) still reads
+LOGITS_FORMAT_VERSIONS = (1, 2)
 
 
 def check_relative_path(path: str) -> str:
@@ -108,6 +109,13 @@ class LogitCacheManifest(Manifest):
     teacher_model: str = ""
     seq_logprob: SeqLogprobStats | None = None
 
+    @field_validator("format_version")
+    @classmethod
+    def _known_format(cls, v: int) -> int:
+        if v not in LOGITS_FORMAT_VERSIONS:
+            raise ValueError(f"logit-cache format v{v} is not supported (this pkd reads v{', v'.join(map(str, LOGITS_FORMAT_VERSIONS))}); upgrade pkd")
+        return v
+
 
 def parse_manifest(text: str, where: str, model: type[Manifest] = Manifest) -> Manifest:
     """Parse and validate manifest JSON; errors name the file and the offending field."""
@@ -128,12 +136,13 @@ def dump_manifest(manifest: Manifest) -> str:
     return manifest.model_dump_json(indent=2) + "\n"
 
 
-def logit_cache_schema(codec_streams: dict[str, Any]) -> pa.Schema:
-    """Arrow schema of logit-cache shards, format v1: one row per (prompt, teacher response).
+def logit_cache_schema(codec_columns: dict[str, Any]) -> pa.Schema:
+    """Arrow schema of logit-cache shards (formats v1 and v2): one row per (prompt, teacher
+    response).
 
     T = len(input_ids) - response_start response positions; position t predicts
-    input_ids[response_start + t]. Codec streams hold the top-k ids/logprobs of each position
-    as `list<dtype>` of T·width values; `token_logprob` is the actual token's logprob."""
+    input_ids[response_start + t]. The codec's `list<dtype>` columns hold the proxy's
+    distribution at each position; `token_logprob` is the actual token's logprob."""
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
@@ -142,5 +151,5 @@ def logit_cache_schema(codec_streams: dict[str, Any]) -> pa.Schema:
         pa.field("token_logprob", pa.list_(pa.float32()), nullable=False),
         pa.field("seq_logprob", pa.float64(), nullable=False),
     ]
-    fields += [pa.field(name, pa.list_(pa.from_numpy_dtype(dtype)), nullable=False) for name, (dtype, _w) in codec_streams.items()]
+    fields += [pa.field(name, pa.list_(pa.from_numpy_dtype(dtype)), nullable=False) for name, dtype in codec_columns.items()]
     return pa.schema(fields)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pkd.cache.codec import TopkCodec
+from pkd.cache.coded import TopkAnsCodec
 from pkd.fingerprint import files_fingerprint, tokenizer_fingerprint
 from pkd.cache.shards import LogitCacheWriter, LogitSample
 from pkd.records import LogitCacheManifest
@@ -28,7 +28,7 @@ def score_cache(family: TinyFamily, uri: str, *, n: int = 48, k: int = 8, seed: 
     tok = AutoTokenizer.from_pretrained(family.tokenizer)
     proxy = AutoModelForCausalLM.from_pretrained(family.proxy).eval()
     header = LogitCacheManifest(
-        codec=TopkCodec(k=k, vocab_size=proxy.config.vocab_size).spec(),
+        codec=TopkAnsCodec(k=k, vocab_size=proxy.config.vocab_size).spec(),
         vocab_size=proxy.config.vocab_size,
         tokenizer_fingerprint=tokenizer_fp or tokenizer_fingerprint(tok),
         proxy_fingerprint=files_fingerprint(family.proxy),

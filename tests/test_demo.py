@@ -103,12 +103,14 @@ def test_quick_demo_runs_the_pipeline_end_to_end(toy_world_quick: ToyWorld) -> N
     assert proxy["after_alignment"]["top1_agreement"] > proxy["before_alignment"]["top1_agreement"]
     # The four real commands ran, and every artifact they wrote is complete.
     steps = [c.split()[1] for c in results["commands"]]
-    assert steps[:5] == ["teacher-sample", "teacher-sample", "proxy-align", "cache-logits", "cache-logits"]
-    assert steps[5:] == ["train-student"] * 4
-    for name in ("teacher", "teacher-heldout", "proxy", "logits", "logits-unaligned"):
+    assert steps[:6] == ["teacher-sample", "teacher-sample", "proxy-align", "cache-logits", "cache-logits", "cache-logits"]
+    assert steps[6:] == ["train-student"] * 5
+    for name in ("teacher", "teacher-heldout", "proxy", "logits", "logits-unaligned", "logits-sampled"):
         assert json.loads((paths.artifact(name) / "manifest.json").read_text())["complete"], name
-    verify = subprocess.run([sys.executable, "-m", "pkd.cli", "cache", "verify", str(paths.artifact("logits"))], cwd=REPO, capture_output=True, text=True)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    for name in ("logits", "logits-sampled"):
+        verify = subprocess.run([sys.executable, "-m", "pkd.cli", "cache", "verify", str(paths.artifact(name))], cwd=REPO, capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert 0 < results["cache_bytes_per_token"]["sampled"] < results["cache_bytes_per_token"]["aligned"]
     # The teacher server the demo started is gone.
     assert not [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).count(str(toy_world_quick.teacher))]
 
@@ -118,3 +120,13 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_sampled_cache_is_compared_with_top20_paired_over_seeds() -> None:
+    from pkd.toy.results import paired
+
+    scores = _scores()
+    d = paired(scores, "sampled_cache", "proxy_kd", (0, 1, 2))["nll_per_token"]
+    want = scores["sampled_cache"]["0"]["nll_per_token"] - scores["proxy_kd"]["0"]["nll_per_token"]
+    assert d["values"] == pytest.approx([want] * 3) and d["mean"] == pytest.approx(want)
+    assert d["ci95"][0] == pytest.approx(want) and d["ci95"][1] == pytest.approx(want)  # no spread: a point

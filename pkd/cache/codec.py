@@ -190,17 +190,39 @@ class TopkCodec:
                 )
         entries = np.asarray(streams["entries"], dtype=np.uint32).reshape(n_tokens, self.k)  # (N, k)
         ids = (entries & np.uint32((1 << self._id_bits) - 1)).view(np.int32)  # (N, k) fresh array
-        levels = (entries >> self._id_bits).astype(np.uint16)  # (N, k) deltas, summed in place:
+        deltas = (entries >> self._id_bits).astype(np.uint16)  # (N, k)
+        return ids, self.decode_levels(deltas, np.asarray(streams["tail"], dtype=np.uint8))
+
+    def decode_levels(self, deltas: np.ndarray, tail_idx: np.ndarray) -> np.ndarray:
+        """(N, k) uint16 level deltas (summed in place) + (N,) tail levels -> (N, k) float32
+        logprobs rescaled to carry exactly 1 − tail. Shared with the entropy-coded v2."""
+        levels = deltas
         for r in range(1, self.k):  # a loop over ranks beats np.cumsum(axis=1) ~3x at k=20
             levels[:, r] += levels[:, r - 1]
         if levels[:, -1].max(initial=0) >= _LP_LEVELS:  # k = 1 too: its one level must index the grid
             raise CodecError("topk codec: corrupt entries stream (logprob level out of range).")
         logprobs = np.take(self._neg_lp_grid, levels)  # (N, k) unnormalised
         mass = np.exp(logprobs) @ np.ones(self.k, dtype=np.float32)  # (N,) row sums via BLAS
-        # Rescale the top-k so that it carries exactly 1 − tail.
-        tail_idx = np.asarray(streams["tail"], dtype=np.uint8)
         logprobs += (np.take(self._tail_log_mass, tail_idx) - np.log(mass))[:, None]
-        return ids, logprobs
+        return logprobs
+
+    # ------------------------------------------------------------------ shard rows (pkd.cache.shards)
+
+    kind: ClassVar[str] = "topk"
+
+    def columns(self) -> dict[str, np.dtype]:
+        return {name: dtype for name, (dtype, _w) in self.streams().items()}
+
+    def encode_rows(self, ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray | None, lengths: np.ndarray) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], bytes]:
+        """(N, k) arrays of S rows of `lengths` tokens -> {column: (flat values, (S+1,) row
+        offsets)} and the shard's side data (none for v1)."""
+        tokens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (S+1,)
+        streams = self.encode(ids, logprobs)
+        return {name: (streams[name], tokens * width) for name, (_d, width) in self.streams().items()}, b""
+
+    def decode_rows(self, columns: dict[str, tuple[np.ndarray, np.ndarray]], lengths: np.ndarray, side: bytes) -> tuple[np.ndarray, np.ndarray, None]:
+        ids, logprobs = self.decode({name: values for name, (values, _o) in columns.items()}, int(lengths.sum()))
+        return ids, logprobs, None
 
 
 def topk_tail_kl(ref_logprobs: np.ndarray, dec_logprobs: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pkd.cache.codec import TopkCodec
+from pkd.cache.coded import codec_from_spec
 from pkd.cache.ops import read_cache_manifest
 from pkd.errors import ConfigError, IntegrityError, StorageError
 from pkd.records import MANIFEST_NAME, LogitCacheManifest, logit_cache_schema
@@ -79,15 +79,15 @@ def upload_plan(src: Folder, manifest: LogitCacheManifest, card: Path, target: H
 def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
     """README.md for the dataset repository: YAML header (loadable config, tags) and a body that
     describes the cache and how to use it."""
-    codec = TopkCodec.from_spec(manifest.codec)
-    schema = logit_cache_schema(codec.streams())
+    codec = codec_from_spec(manifest.codec)
+    schema = logit_cache_schema(codec.columns())
     data = _join(target.path_in_repo, "data/*.parquet")
     uri = f"hf://datasets/{target.repo_id}" + (f"@{target.revision}" if target.revision else "") + (f"/{target.path_in_repo}" if target.path_in_repo else "")
     seq = manifest.seq_logprob
     facts = [
         ("rows / response tokens", f"{manifest.rows:,} / {manifest.tokens:,}"),
         ("files / bytes", f"{len(manifest.files)} / {manifest.total_bytes:,} ({manifest.total_bytes / max(manifest.tokens, 1):.1f} B/token)"),
-        ("top-k", f"{manifest.codec.get('k')}"),
+        ("kind", f"{codec.kind}: " + (f"top-{codec.k} ids and logprobs" if codec.kind == "topk" else f"up to {codec.k} distinct draws (ids, counts, logprobs)") + " per response position"),
         ("codec", f"`{manifest.codec.get('name')}` v{manifest.codec.get('version')}, parameters `{json.dumps(manifest.codec.get('params', {}))}`"),
         ("vocabulary size", f"{manifest.vocab_size:,}"),
         ("tokenizer fingerprint", f"`{manifest.tokenizer_fingerprint}`"),
@@ -111,7 +111,7 @@ def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
         "",
         f"# Logit cache: {manifest.teacher_model or 'teacher'} responses scored by an aligned proxy",
         "",
-        "Top-k next-token distributions of a proxy model over a black-box teacher's responses, made by",
+        "Next-token distributions (top-k, or sampled draws) of a proxy model over a black-box teacher's responses, made by",
         "[pkd](https://arxiv.org/abs/2401.07013) (`pkd cache-logits`) for Proxy-KD student training. A",
         "student can use it only if it shares the proxy's tokenizer (the fingerprint below).",
         "",
@@ -122,7 +122,7 @@ def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
         "## Schema",
         "",
         "One row per (prompt, teacher response) sample; Parquet, zstd. The codec streams hold the",
-        "proxy's top-k ids and logprobs per response position, encoded (decode with pkd).",
+        "proxy's ids and logprobs (and draw counts) per response position, encoded (decode with pkd).",
         "",
         "| column | type |",
         "| --- | --- |",
@@ -149,7 +149,7 @@ def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
         "import datasets  # plain Parquet rows (codec streams still encoded)",
         f'rows = datasets.load_dataset("{target.repo_id}", split="train")',
         "",
-        "from pkd.cache.ops import read_cache_manifest  # decoded top-k per position",
+        "from pkd.cache.ops import read_cache_manifest  # decoded distributions per position",
         "from pkd.cache.shards import iter_samples",
         "from pkd.store import Folder",
         'folder = Folder("./cache")',

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pkd.cache.codec import TopkCodec
+from pkd.cache.coded import Codec, codec_from_spec
 from pkd.errors import CompatibilityError, IntegrityError, ManifestError, PkdError, StorageError
 from pkd.cache.shards import (
     SHARD_DIR,
+    LogitSample,
     check_compatible,
     check_shard_header,
     decode_batch,
@@ -21,6 +22,7 @@ from pkd.cache.shards import (
     open_shard,
     seq_logprob_stats,
     shard_name,
+    shard_side,
 )
 from pkd.records import FileEntry, LogitCacheManifest
 from pkd.store import Folder
@@ -73,11 +75,26 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_decoded(folder: Folder, entry: FileEntry, manifest: LogitCacheManifest, codec: TopkCodec) -> tuple[int, int]:
+def _check_sampled(where: str, s: LogitSample, draws: int) -> None:
+    """A sampled record: each position's counts sum to the draws, its ids are distinct."""
+    if s.counts is None or s.counts.shape != s.topk_ids.shape or (s.counts.sum(axis=1, dtype=np.int64) != draws).any():
+        raise IntegrityError(f"{where}: draw counts do not sum to the {draws} draws per position")
+    valid = s.counts > 0
+    ids = np.where(valid, s.topk_ids, -1 - np.arange(s.topk_ids.shape[1]))  # padding never collides
+    if (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+        raise IntegrityError(f"{where}: an id appears twice among one position's draws")
+    lp = np.where(valid, s.topk_logprobs, -np.inf)
+    if (np.exp(lp.astype(np.float64)).sum(axis=1) > 1 + 1e-2).any():
+        raise IntegrityError(f"{where}: the drawn ids' probabilities sum to more than 1")
+
+
+def _check_decoded(folder: Folder, entry: FileEntry, manifest: LogitCacheManifest, codec: Codec) -> tuple[int, int]:
     """Decode every row of a shard and check it is a valid distribution record."""
     rows = tokens = 0
-    for batch in open_shard(folder, entry.path).iter_batches():
-        for s in decode_batch(batch, codec):
+    pf = open_shard(folder, entry.path)
+    side = shard_side(pf)
+    for batch in pf.iter_batches():
+        for s in decode_batch(batch, codec, side):
             rows += 1
             tokens += s.num_tokens
             where = f"{folder.where(entry.path)}: sample {s.sample_id!r}"
@@ -90,6 +107,9 @@ def _check_decoded(folder: Folder, entry: FileEntry, manifest: LogitCacheManifes
             lp = s.topk_logprobs
             if not np.isfinite(lp).all() or (lp > _LOGPROB_SLACK).any():
                 raise IntegrityError(f"{where}: top-k logprobs are not finite logprobs ≤ 0")
+            if codec.kind == "sampled":
+                _check_sampled(where, s, codec.k)
+                continue
             if (np.diff(lp, axis=1) > _LOGPROB_SLACK).any():
                 raise IntegrityError(f"{where}: top-k logprobs are not in descending rank order")
             if (np.exp(lp.astype(np.float64)).sum(axis=1) > 1 + 1e-2).any():
@@ -104,7 +124,7 @@ def verify(folder: Folder, *, decode: bool = True) -> VerifyReport:
     report = VerifyReport(folder.uri)
     if not manifest.complete:
         report.problems.append(f"{folder.where('manifest.json')}: cache is incomplete (an interrupted writer; rerun it to finish)")
-    codec = TopkCodec.from_spec(manifest.codec)
+    codec = codec_from_spec(manifest.codec)
     for entry in manifest.files:
         report.files_checked += 1
         where = folder.where(entry.path)

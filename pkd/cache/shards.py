@@ -1,10 +1,12 @@
-"""The logit cache, format v1: Parquet shards of the proxy's top-k distributions + a manifest.
+"""The logit cache, format v2: Parquet shards of the proxy's distributions + a manifest.
 
-One row per (prompt, teacher response) sample. The codec turns each sample's (T, k) top-k
-ids/logprobs into fixed-width streams stored as `list<...>` columns; Parquet's zstd does the
-entropy coding. Shards are written whole under a temporary name and renamed into place; the
-manifest is rewritten after every shard (complete=False) and finally with μ/γ (complete=True),
-so an interrupted writer resumes from its last committed shard.
+One row per (prompt, teacher response) sample. The codec (pkd.cache.coded) turns each sample's
+(T, k) top-k — or sampled — ids/logprobs into `list<...>` columns, entropy-coded against the
+shard's own frequency tables (kept in the Parquet footer's key-value metadata under
+`pkd.tables`); Parquet's zstd does the rest. Format v1 shards (codec topk v1: no tables) still
+read. Shards are written whole under a temporary name and renamed into place; the manifest is
+rewritten after every shard (complete=False) and finally with μ/γ (complete=True), so an
+interrupted writer resumes from its last committed shard.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pkd.cache.codec import TopkCodec
+from pkd.cache.coded import Codec, codec_from_spec
 from pkd.errors import CompatibilityError, IntegrityError, ManifestError
-from pkd.records import LOGITS_FORMAT_VERSION, FileEntry, LogitCacheManifest, SeqLogprobStats, logit_cache_schema
+from pkd.records import FileEntry, LogitCacheManifest, SeqLogprobStats, logit_cache_schema
 from pkd.store import Folder
 
 FILE_META_KEY = b"pkd"
+TABLES_KEY = b"pkd.tables"  # the codec's frequency tables (footer only: not in the Arrow schema)
 SHARD_DIR = "data"
 ROW_GROUP_ROWS = 256  # unit of streaming and of work split between ranks
 
@@ -40,6 +43,7 @@ class LogitSample:
     topk_ids: np.ndarray  # (T, k) int32, rank order
     topk_logprobs: np.ndarray  # (T, k) float32, descending
     token_logprob: np.ndarray  # (T,) float32: logprob of input_ids[response_start + t]
+    counts: np.ndarray | None = None  # (T, k) uint8, sampled caches: draws of each id (0 = padding)
 
     @property
     def num_tokens(self) -> int:
@@ -83,18 +87,20 @@ def check_finite(s: LogitSample) -> None:
         raise IntegrityError(f"sample {s.sample_id!r}: its top-k logprobs hold NaN or +inf; nothing written for this shard (check the proxy's dtype and weights)")
 
 
-def encode_table(samples: list[LogitSample], codec: TopkCodec) -> pa.Table:
-    """Samples -> Arrow table of the v1 schema (codec streams sliced per row)."""
+def encode_table(samples: list[LogitSample], codec: Codec) -> tuple[pa.Table, bytes]:
+    """Samples -> Arrow table of the cache schema, and the shard's side data (its codec's tables)."""
     lengths = np.array([s.num_tokens for s in samples], dtype=np.int64)
     for s in samples:
         check_finite(s)
         if s.topk_ids.shape != (s.num_tokens, codec.k) or s.topk_logprobs.shape != (s.num_tokens, codec.k):
-            raise ValueError(f"sample {s.sample_id}: top-k arrays must be ({s.num_tokens}, {codec.k})")
+            raise ValueError(f"sample {s.sample_id}: distribution arrays must be ({s.num_tokens}, {codec.k})")
+        if (s.counts is None) != (codec.kind == "topk"):
+            raise ValueError(f"sample {s.sample_id}: a {codec.kind} cache {'takes no' if codec.kind == 'topk' else 'needs'} draw counts")
     ids = np.concatenate([s.topk_ids for s in samples]) if samples else np.zeros((0, codec.k), np.int32)
     lps = np.concatenate([s.topk_logprobs for s in samples]) if samples else np.zeros((0, codec.k), np.float32)
-    streams = codec.encode(ids, lps.astype(np.float32, copy=False))
-    schema = logit_cache_schema(codec.streams())
-    token_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    counts = None if codec.kind == "topk" else np.concatenate([s.counts for s in samples]) if samples else np.zeros((0, codec.k), np.uint8)
+    streams, side = codec.encode_rows(ids, lps.astype(np.float32, copy=False), counts, lengths)
+    schema = logit_cache_schema(codec.columns())
     columns: dict[str, pa.Array] = {
         "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
         "input_ids": pa.array([np.asarray(s.input_ids, np.int32) for s in samples], pa.list_(pa.int32())),
@@ -103,29 +109,31 @@ def encode_table(samples: list[LogitSample], codec: TopkCodec) -> pa.Table:
         "token_logprob": pa.array([np.asarray(s.token_logprob, np.float32) for s in samples], pa.list_(pa.float32())),
         "seq_logprob": pa.array([s.seq_logprob for s in samples], pa.float64()),
     }
-    for name, (dtype, width) in codec.streams().items():
-        flat = pa.array(streams[name].astype(dtype, copy=False))
-        columns[name] = pa.ListArray.from_arrays(pa.array(token_offsets * width, pa.int32()), flat)
-    return pa.Table.from_pydict(columns, schema=schema)
+    for name, dtype in codec.columns().items():
+        values, offsets = streams[name]
+        columns[name] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values.astype(dtype, copy=False)))
+    return pa.Table.from_pydict(columns, schema=schema), side
 
 
-def write_shard(folder: Folder, rel: str, samples: list[LogitSample], manifest: LogitCacheManifest, codec: TopkCodec, zstd_level: int = 9) -> FileEntry:
+def write_shard(folder: Folder, rel: str, samples: list[LogitSample], manifest: LogitCacheManifest, codec: Codec, zstd_level: int = 9) -> FileEntry:
     """Encode and write one shard atomically; returns its manifest entry."""
-    table = encode_table(samples, codec)
+    table, side = encode_table(samples, codec)
     table = table.replace_schema_metadata({FILE_META_KEY: json.dumps(file_metadata(manifest)).encode()})
-    stream_cols = set(codec.streams())
+    stream_cols = set(codec.columns())
     encodings = {f"{name}.list.element": enc for name, enc in codec.parquet_encodings().items()}
     encodings["token_logprob.list.element"] = "BYTE_STREAM_SPLIT"
     buf = io.BytesIO()
-    pq.write_table(
-        table,
+    with pq.ParquetWriter(
         buf,
+        table.schema,
         compression="zstd",
         compression_level=zstd_level,
-        row_group_size=ROW_GROUP_ROWS,
         use_dictionary=[c for c in table.column_names if c not in stream_cols and c != "token_logprob"],
         column_encoding=encodings,
-    )
+    ) as writer:
+        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        if side:  # footer key-value metadata only: the Arrow schema would store it twice
+            writer.add_key_value_metadata({TABLES_KEY: side})
     data = buf.getvalue()
     folder.write_bytes(rel, data)
     return FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), rows=len(samples), tokens=int(table["num_tokens"].to_numpy().sum()) if len(samples) else 0)
@@ -140,12 +148,17 @@ def open_shard(folder: Folder, rel: str) -> pq.ParquetFile:
         raise IntegrityError(f"{folder.where(rel)}: not a readable Parquet file ({type(e).__name__}: {e}); run `pkd cache verify`") from None
 
 
+def shard_side(pf: pq.ParquetFile) -> bytes:
+    """The side data the codec wrote beside a shard's rows (b"" for codec v1)."""
+    return (pf.metadata.metadata or {}).get(TABLES_KEY, b"")
+
+
 def check_shard_header(folder: Folder, rel: str, pf: pq.ParquetFile, manifest: LogitCacheManifest) -> None:
     """A shard must carry the schema and metadata its manifest promises."""
-    expected = logit_cache_schema(TopkCodec.from_spec(manifest.codec).streams())
+    expected = logit_cache_schema(codec_from_spec(manifest.codec).columns())
     actual = pf.schema_arrow
     if not actual.remove_metadata().equals(expected):
-        raise IntegrityError(f"{folder.where(rel)}: schema differs from logit-cache format v{LOGITS_FORMAT_VERSION}: got {actual.remove_metadata()}")
+        raise IntegrityError(f"{folder.where(rel)}: schema differs from logit-cache format v{manifest.format_version}: got {actual.remove_metadata()}")
     raw = (actual.metadata or {}).get(FILE_META_KEY)
     try:
         meta = json.loads(raw) if raw else None
@@ -155,12 +168,18 @@ def check_shard_header(folder: Folder, rel: str, pf: pq.ParquetFile, manifest: L
         raise IntegrityError(f"{folder.where(rel)}: file metadata does not match the manifest (codec, vocab or fingerprints differ)")
 
 
-def decode_batch(batch: pa.RecordBatch, codec: TopkCodec) -> list[LogitSample]:
-    """Decode one record batch into samples (vectorised over the whole batch)."""
+def _list_column(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column's flat values and its (rows+1,) offsets from 0 (the batch may be a slice)."""
+    column = batch.column(name)
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+def decode_batch(batch: pa.RecordBatch, codec: Codec, side: bytes = b"") -> list[LogitSample]:
+    """Decode one record batch into samples (vectorised over the whole batch); `side` is the
+    shard's `shard_side`."""
     lengths = batch.column("num_tokens").to_numpy().astype(np.int64)
-    n = int(lengths.sum())
-    streams = {name: batch.column(name).flatten().to_numpy(zero_copy_only=False) for name in codec.streams()}
-    ids, lps = codec.decode(streams, n)  # (N, k) each
+    ids, lps, counts = codec.decode_rows({name: _list_column(batch, name) for name in codec.columns()}, lengths, side)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     token_lp = batch.column("token_logprob").flatten().to_numpy(zero_copy_only=False)
     input_ids = batch.column("input_ids")
@@ -177,6 +196,7 @@ def decode_batch(batch: pa.RecordBatch, codec: TopkCodec) -> list[LogitSample]:
                 topk_ids=ids[a:b],
                 topk_logprobs=lps[a:b],
                 token_logprob=token_lp[a:b],
+                counts=None if counts is None else counts[a:b],
             )
         )
     return out
@@ -184,12 +204,13 @@ def decode_batch(batch: pa.RecordBatch, codec: TopkCodec) -> list[LogitSample]:
 
 def iter_samples(folder: Folder, manifest: LogitCacheManifest, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[LogitSample]:
     """Stream every sample of a cache, shard by shard (never the whole cache in memory)."""
-    codec = TopkCodec.from_spec(manifest.codec)
+    codec = codec_from_spec(manifest.codec)
     for entry in manifest.files:
         pf = open_shard(folder, entry.path)
         check_shard_header(folder, entry.path, pf, manifest)
+        side = shard_side(pf)
         for batch in pf.iter_batches(batch_size=batch_rows):
-            yield from decode_batch(batch, codec)
+            yield from decode_batch(batch, codec, side)
 
 
 def iter_column(folder: Folder, manifest: LogitCacheManifest, column: str) -> Iterator[np.ndarray]:
@@ -237,7 +258,7 @@ class LogitCacheWriter:
 
     def __init__(self, folder: Folder, header: LogitCacheManifest, *, shard_rows: int = 1024, part: int = 0, zstd_level: int = 9) -> None:
         self.folder, self.shard_rows, self.part, self.zstd_level = folder, shard_rows, part, zstd_level
-        self.codec = TopkCodec.from_spec(header.codec)
+        self.codec = codec_from_spec(header.codec)
         self.manifest = header.model_copy(deep=True)
         if folder.has_manifest():
             existing = folder.read_manifest(LogitCacheManifest)

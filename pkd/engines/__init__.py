@@ -37,6 +37,7 @@ class ScoreResult:
     topk_ids: np.ndarray  # (T, k) int32, rank order
     topk_logprobs: np.ndarray  # (T, k) float32, descending
     token_logprobs: np.ndarray  # (T,) float32: logprob of the actual token t
+    counts: np.ndarray | None = None  # (T, n) uint8, score_sampled only: draws of each id (0 = padding)
 
 
 class Engine(Protocol):
@@ -209,6 +210,7 @@ def windows(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
         yield group
 
 
-def empty_result(k: int) -> ScoreResult:
-    """The result for start == len (no response tokens)."""
-    return ScoreResult(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32))
+def empty_result(k: int, *, sampled: bool = False) -> ScoreResult:
+    """The result for start == len (no response tokens); a sampled one has (0, k) counts."""
+    counts = np.zeros((0, k), np.uint8) if sampled else None
+    return ScoreResult(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32), counts)

@@ -132,6 +132,22 @@ class HFEngine:
         check_score_args(sequences, starts, k, self.max_logprobs, self.vocab_size)
         yield from score_model(self._live(), sequences, starts, k, batch_tokens=batch_tokens or self.batch_tokens, pad_id=self._pad)
 
+    def score_sampled(
+        self,
+        sequences: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        n: int,
+        *,
+        seeds: Sequence[int],
+        temperature: float = 1.0,
+    ) -> Iterator[ScoreResult]:
+        """Teacher-forced like score_topk, but per position n draws from the full distribution
+        (softmax of the logits / `temperature`), seeded per sequence: ScoreResult rows hold the
+        distinct ids, their counts and their untempered logprobs (pkd.engines.draws)."""
+        check_score_args(sequences, starts, 1, self.max_logprobs, self.vocab_size)
+        draws = [(n, temperature, seed) for seed in seeds]
+        yield from score_model(self._live(), sequences, starts, n, batch_tokens=self.batch_tokens, pad_id=self._pad, draws=draws)
+
     def _live(self) -> PreTrainedModel | PeftModel:
         if self._model is None:
             raise EngineError("this transformers engine was closed; load a new one")
@@ -162,12 +178,21 @@ class HFEngine:
 
 
 def score_model(
-    model: PreTrainedModel | PeftModel, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int, *, batch_tokens: int = 8192, pad_id: int = 0
+    model: PreTrainedModel | PeftModel,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    k: int,
+    *,
+    batch_tokens: int = 8192,
+    pad_id: int = 0,
+    draws: Sequence[tuple[int, float, int]] | None = None,
 ) -> Iterator[ScoreResult]:
     """Per sequence, in input order, the top-k ids/logprobs and the actual token's logprob at
     positions [start, len) of a model already in memory (eval mode during the call, restored
-    after). Batches hold at most `batch_tokens` padded tokens; sequences with start == len get
-    an empty result. Callers check the arguments (`check_score_args`)."""
+    after). With `draws` ((n = k, temperature, seed) per sequence), the rows are n seeded draws
+    from the full distribution instead of the top-k (a sampled cache). Batches hold at most
+    `batch_tokens` padded tokens; sequences with start == len get an empty result. Callers check
+    the arguments (`check_score_args`)."""
     was_training = model.training
     model.eval()
     try:
@@ -177,10 +202,11 @@ def score_model(
             done: dict[int, ScoreResult] = {}
             todo = [i for i in group if starts[i] < lengths[i]]
             for batch in _batches(todo, lengths, batch_tokens, sort=True):
-                scored = _score_batch(model, [sequences[i] for i in batch], [starts[i] for i in batch], k, pad_id, vocab)
+                drawn = None if draws is None else [draws[i] for i in batch]
+                scored = _score_batch(model, [sequences[i] for i in batch], [starts[i] for i in batch], k, pad_id, vocab, drawn)
                 done.update(zip(batch, scored))
             for i in group:
-                yield done.get(i) or empty_result(k)
+                yield done.get(i) or empty_result(k, sampled=draws is not None)
     finally:
         model.train(was_training)
 
@@ -199,8 +225,13 @@ def teacher_forced_metrics(
     return {"nll_per_token": nll / max(tokens, 1), "top1_agreement": hits / max(tokens, 1), "tokens": tokens, "samples": len(sequences)}
 
 
-def _score_batch(model: PreTrainedModel | PeftModel, seqs: list[Sequence[int]], starts: list[int], k: int, pad_id: int, vocab: int) -> list[ScoreResult]:
+def _score_batch(
+    model: PreTrainedModel | PeftModel, seqs: list[Sequence[int]], starts: list[int], k: int, pad_id: int, vocab: int, draws: list[tuple[int, float, int]] | None = None
+) -> list[ScoreResult]:
+    """Top-k of each position, or with `draws` ((n, temperature, seed) per sequence) draws."""
     import torch
+
+    from pkd.engines.draws import draw_unique
 
     device = next(model.parameters()).device
     width = max(len(s) for s in seqs)
@@ -219,9 +250,13 @@ def _score_batch(model: PreTrainedModel | PeftModel, seqs: list[Sequence[int]], 
             # (T, V); like vLLM, over the config's vocabulary should lm_head be padded wider
             rows = logits[row, start - 1 - lo : len(s) - 1 - lo, :vocab]
             logprobs = rows.float().log_softmax(-1)  # one sequence at a time: bounded float32 copy
-            top_lp, top_ids = logprobs.topk(k, dim=-1)  # (T, k), descending
             target = torch.as_tensor(s[start:], device=device)  # (T,)
             token_lp = logprobs.gather(-1, target[:, None])[:, 0]  # (T,)
+            if draws is not None:
+                ids_, counts, lps = draw_unique(logprobs, *draws[row])  # (T, n) each
+                results.append(ScoreResult(ids_, lps, token_lp.cpu().numpy(), counts))
+                continue
+            top_lp, top_ids = logprobs.topk(k, dim=-1)  # (T, k), descending
             results.append(
                 ScoreResult(
                     topk_ids=top_ids.to(torch.int32).cpu().numpy(),

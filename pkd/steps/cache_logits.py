@@ -30,7 +30,7 @@ import numpy as np
 
 from pkd.models.resolve import local_dir, resolve_model
 from pkd.teacher.samples import SHARDS_PREFIX, TeacherSample, read_teacher_samples, teacher_fingerprint
-from pkd.cache.codec import TopkCodec
+from pkd.cache.coded import SampledCodec, TopkAnsCodec
 from pkd.config import CacheLogitsConfig, RunConfig
 from pkd.engines import check_score_args
 from pkd.errors import CompatibilityError, ConfigError, InputError
@@ -253,6 +253,7 @@ def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
 def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool = True) -> Summary:
     """Score every sample of the split (this part's share) not yet in the output folder."""
     from pkd.engines import load_engine
+    from pkd.engines.draws import sample_seed
 
     start = time.monotonic()
     index, parts = cfg.part_index
@@ -268,11 +269,21 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
     proxy = resolve_proxy(cfg, run)
     tokenizer = _load_tokenizer(proxy.model_dir)
     vocab, context = _model_shape(proxy.model_dir)
-    codec = TopkCodec(k=cfg.k, vocab_size=vocab)  # refuses k > vocab
-    check_score_args([], [], cfg.k, cfg.max_logprobs, vocab)  # refuses k > max_logprobs, saying how to raise it
+    if cfg.mode == "sampled":
+        codec: SampledCodec | TopkAnsCodec = SampledCodec(k=cfg.samples, vocab_size=vocab, proposal_temperature=cfg.proposal_temperature)
+        if cfg.engine == "vllm":
+            raise ConfigError(
+                "[cache_logits] mode = 'sampled' draws from the proxy's exact full distribution, which only the transformers "
+                "engine exposes (vLLM returns at most max_logprobs entries per position): use --engine hf (or auto)"
+            )
+    else:
+        codec = TopkAnsCodec(k=cfg.k, vocab_size=vocab)  # refuses k > vocab
+        check_score_args([], [], cfg.k, cfg.max_logprobs, vocab)  # refuses k > max_logprobs, saying how to raise it
     if context is not None and cfg.max_length > context:
         raise ConfigError(f"[cache_logits] max_length {cfg.max_length} exceeds the proxy's context of {context} tokens: lower --max-length")
     config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in FREE_KEYS} | {"tokenization": TOKENIZATION}
+    if cfg.mode == "sampled":
+        config["draw_seed"] = run.seed  # the draws depend on it: a resume must use the same
     header = LogitCacheManifest(
         codec=codec.spec(),
         vocab_size=vocab,
@@ -299,7 +310,7 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
     if todo:
         with (
             load_engine(
-                cfg.engine, proxy.model_dir, adapter_dir=proxy.adapter_dir, dtype=cfg.dtype, max_logprobs=cfg.max_logprobs,
+                "hf" if cfg.mode == "sampled" else cfg.engine, proxy.model_dir, adapter_dir=proxy.adapter_dir, dtype=cfg.dtype, max_logprobs=cfg.max_logprobs,
                 max_model_len=min(cfg.max_length + 1, context or cfg.max_length + 1), seed=run.seed,
                 gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
                 batch_tokens=cfg.batch_tokens,
@@ -309,10 +320,15 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
             summary.engine = engine.kind
             for chunk in _chunks(todo, cfg.shard_rows):  # one shard each: see the module docstring
                 tick = time.perf_counter()
-                results = list(engine.score_topk([c.ids.tolist() for c in chunk], [c.response_start for c in chunk], cfg.k))
+                seqs, starts = [c.ids.tolist() for c in chunk], [c.response_start for c in chunk]
+                if cfg.mode == "sampled":  # seeded per sample: resume and --part draw the same ids
+                    seeds = [sample_seed(run.seed, c.sample_id) for c in chunk]
+                    results = list(engine.score_sampled(seqs, starts, cfg.samples, seeds=seeds, temperature=cfg.proposal_temperature))
+                else:
+                    results = list(engine.score_topk(seqs, starts, cfg.k))
                 summary.score_s += time.perf_counter() - tick
                 for item, r in zip(chunk, results):
-                    writer.add(LogitSample(item.sample_id, item.ids, item.response_start, r.topk_ids, r.topk_logprobs, r.token_logprobs))
+                    writer.add(LogitSample(item.sample_id, item.ids, item.response_start, r.topk_ids, r.topk_logprobs, r.token_logprobs, r.counts))
                 tokens = sum(len(r.token_logprobs) for r in results)
                 summary.scored += len(chunk)
                 summary.tokens += tokens

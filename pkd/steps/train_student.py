@@ -183,7 +183,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         train_dataset=stream,
         processing_class=tokenizer,
         callbacks=callbacks,
-        kd=KDSettings(alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature),
+        kd=KDSettings(alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature, proposal_temperature=float(manifest.codec.get("params", {}).get("proposal_temperature", 1.0))),
     )
     if to_record:
         _record_run(out, record)

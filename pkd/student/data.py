@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pkd.cache.codec import TopkCodec
+from pkd.cache.coded import codec_from_spec
 from pkd.errors import CompatibilityError, ConfigError, IntegrityError, PkdError, StorageError
 from pkd.fingerprint import tokenizer_fingerprint
-from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, open_shard
+from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, open_shard, shard_side
 from pkd.student.losses import IGNORE_INDEX, sample_weights
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
@@ -96,7 +96,7 @@ class CacheReader:
 
     def __init__(self, folder: Folder, manifest: LogitCacheManifest, verified: set[int] | None = None) -> None:
         self.folder, self.manifest = folder, manifest
-        self.codec = TopkCodec.from_spec(manifest.codec)
+        self.codec = codec_from_spec(manifest.codec)
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self.verified = verified if verified is not None else set()
         self.hash_s = 0.0  # time spent hashing (bench/train_student.py reports it)
@@ -142,7 +142,7 @@ class CacheReader:
         where = f"{self.folder.where(self.manifest.files[group.shard].path)} (row group {group.index})"
         try:
             batch = pf.read_row_group(group.index).combine_chunks().to_batches()[0]
-            samples = decode_batch(batch, self.codec)
+            samples = decode_batch(batch, self.codec, shard_side(pf))
         except (pa.ArrowException, OSError, ValueError, PkdError) as e:
             raise IntegrityError(f"{where}: cannot be decoded ({e}); the shard is corrupted (run `pkd cache verify`)") from None
         for s in samples:
@@ -150,7 +150,7 @@ class CacheReader:
             bad_lp = not np.isfinite(s.topk_logprobs).all() or not np.isfinite(s.token_logprob).all()
             if bad_ids or bad_lp or not 0 <= s.response_start <= len(s.input_ids):
                 raise IntegrityError(f"{where}: sample {s.sample_id} holds out-of-range ids or logprobs; the shard is corrupted")
-        return [LogitSample(s.sample_id, s.input_ids.copy(), s.response_start, s.topk_ids.copy(), s.topk_logprobs.copy(), s.token_logprob.copy()) for s in samples]
+        return [LogitSample(s.sample_id, s.input_ids.copy(), s.response_start, s.topk_ids.copy(), s.topk_logprobs.copy(), s.token_logprob.copy(), None if s.counts is None else s.counts.copy()) for s in samples]
 
 
 def collate(samples: list[LogitSample], weights: list[float], max_length: int, pad_id: int = 0, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
@@ -166,6 +166,8 @@ def collate(samples: list[LogitSample], weights: list[float], max_length: int, p
     shift_labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)  # (B, L) target of position p
     topk_ids = torch.zeros((B, L, k), dtype=torch.long)
     topk_logprobs = torch.zeros((B, L, k), dtype=torch.float32)
+    sampled = samples[0].counts is not None  # a sampled cache: draw counts per entry (0 = padding)
+    topk_counts = torch.zeros((B, L, k), dtype=torch.long) if sampled else None
     for b, (s, n) in enumerate(zip(samples, lengths)):
         ids = torch.from_numpy(s.input_ids[:n].astype(np.int64))
         input_ids[b, :n], attention_mask[b, :n] = ids, 1
@@ -177,7 +179,9 @@ def collate(samples: list[LogitSample], weights: list[float], max_length: int, p
         t0, t1 = first - s.response_start, n - s.response_start  # cache rows kept
         topk_ids[b, first - 1 : n - 1] = torch.from_numpy(s.topk_ids[t0:t1].astype(np.int64))
         topk_logprobs[b, first - 1 : n - 1] = torch.from_numpy(s.topk_logprobs[t0:t1])
-    return {
+        if topk_counts is not None:
+            topk_counts[b, first - 1 : n - 1] = torch.from_numpy(s.counts[t0:t1].astype(np.int64))
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -186,6 +190,9 @@ def collate(samples: list[LogitSample], weights: list[float], max_length: int, p
         "topk_logprobs": topk_logprobs,
         "weights": torch.tensor(weights, dtype=torch.float32),  # (B,)
     }
+    if topk_counts is not None:
+        batch["topk_counts"] = topk_counts  # (B, L, k)
+    return batch
 
 
 class CacheStream(IterableDataset):

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from pkd.student.losses import Tail, proxy_kd_loss
+from pkd.student.sampled_loss import sampled_kd_loss
 from pkd.student.data import CacheStream
 
 
@@ -32,6 +33,7 @@ class KDSettings:
     alpha: float = 1.0
     tail: Tail = "tail"
     temperature: float = 1.0
+    proposal_temperature: float = 1.0  # sampled caches: what the draws came from (codec spec)
 
 
 class _ResumeStream(TrainerCallback):
@@ -74,17 +76,31 @@ class ProxyKDTrainer(Trainer):
         else:  # DDP averages gradients over ranks: undo it, the normaliser is already global
             procs = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             scale = procs / max(float(num_items_in_batch), 1.0)
-        out = proxy_kd_loss(
-            outputs.logits,
-            inputs["shift_labels"],
-            inputs["topk_ids"],
-            inputs["topk_logprobs"],
-            inputs["weights"],
-            alpha=self.kd.alpha,
-            tail=self.kd.tail,
-            temperature=self.kd.temperature,
-            scale=scale,
-        )
+        if "topk_counts" in inputs:  # a sampled cache: the RS-KD estimator (tail does not apply)
+            out = sampled_kd_loss(
+                outputs.logits,
+                inputs["shift_labels"],
+                inputs["topk_ids"],
+                inputs["topk_logprobs"],
+                inputs["topk_counts"],
+                inputs["weights"],
+                alpha=self.kd.alpha,
+                temperature=self.kd.temperature,
+                proposal_temperature=self.kd.proposal_temperature,
+                scale=scale,
+            )
+        else:
+            out = proxy_kd_loss(
+                outputs.logits,
+                inputs["shift_labels"],
+                inputs["topk_ids"],
+                inputs["topk_logprobs"],
+                inputs["weights"],
+                alpha=self.kd.alpha,
+                tail=self.kd.tail,
+                temperature=self.kd.temperature,
+                scale=scale,
+            )
         if model.training:
             w = inputs["weights"].double().cpu()
             self._sums += torch.stack([out.nll.double().cpu(), out.kl.double().cpu(), out.tokens.double().cpu(), w.sum(), (w * w).sum(), torch.tensor(float(len(w)))])

@@ -38,7 +38,7 @@ from typing import Any
 
 from pkd.errors import PkdError
 from pkd.toy.results import summarize, write_chart
-from pkd.toy.variants import VARIANTS, Variant
+from pkd.toy.variants import CACHE_DIRS, SAMPLES, VARIANTS, Variant
 from pkd.toy.world import ToyWorld, build_world
 
 DEFAULT_ROOT = Path("cache") / "demo"
@@ -114,6 +114,7 @@ def run_demo(
     timings["total"] = round(time.monotonic() - start, 1)
 
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands)
+    results["cache_bytes_per_token"] = {name: _bytes_per_token(paths.artifact(d)) for name, d in CACHE_DIRS.items()}
     results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
     tmp = paths.results.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -211,11 +212,12 @@ class _Steps:
         )  # fmt: skip
         self.pkd("cache-logits", *common, "--out", self.paths.artifact("logits"))
         self.pkd("cache-logits", *common, "--no-adapter", "--out", self.paths.artifact("logits-unaligned"))
+        self.pkd("cache-logits", *common, "--sampled", str(SAMPLES), "--out", self.paths.artifact("logits-sampled"))
 
     def train_students(self, runs: list[tuple[Variant, int]]) -> None:
         commands = []
         for v, seed in runs:
-            cache = self.paths.artifact("logits" if v.cache == "aligned" else "logits-unaligned")
+            cache = self.paths.artifact(CACHE_DIRS[v.cache])
             args = [
                 "train-student", "--cache", cache, "--student", self.world.student,
                 "--out", self.paths.student(v.key, seed), "--seed", str(seed), *v.flags,
@@ -260,6 +262,13 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
             out.setdefault(key, {})["all" if seed is None else str(seed)] = report
             progress.update(done=1, tokens=report["tokens"])
     return out
+
+
+def _bytes_per_token(cache: Path) -> float:
+    from pkd.store import Folder
+
+    m = Folder(str(cache)).read_manifest()
+    return m.total_bytes / max(m.tokens, 1)
 
 
 def _proxy_adapter(proxy_dir: Path) -> Path:

@@ -26,6 +26,20 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
+def paired(scores: dict[str, dict[str, dict[str, Any]]], a: str, b: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """Per-seed differences a − b (same seed: same data order), their mean and a 95% t-interval."""
+    out = {}
+    for m in METRICS:
+        diffs = [float(scores[a][str(s)][m]) - float(scores[b][str(s)][m]) for s in seeds]
+        mean = statistics.fmean(diffs)
+        half = _T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        out[m] = {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "values": diffs}
+    return out
+
+
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t, two-sided 95%
+
+
 def summarize(
     scores: dict[str, dict[str, dict[str, Any]]],
     world: ToyWorld,
@@ -58,6 +72,7 @@ def summarize(
             "exact_match_points": 100 * (by_key["proxy_kd"]["exact_match"]["mean"] - by_key["blackbox_kd"]["exact_match"]["mean"]),
             "nll_per_token": by_key["proxy_kd"]["nll_per_token"]["mean"] - by_key["blackbox_kd"]["nll_per_token"]["mean"],
         },
+        "sampled_minus_topk20": paired(scores, "sampled_cache", "proxy_kd", seeds),
         "world": world.report,
         "timings_s": timings,
         "commands": commands,
@@ -96,6 +111,12 @@ def results_table(results: dict[str, Any]) -> Table:
         f"(proxy exact match {100 * before['exact_match']:.1f}% → {100 * after['exact_match']:.1f}%); "
         f"Proxy-KD − black-box KD: {gain:+.1f} points exact match"
     )
+    d = results["sampled_minus_topk20"]["nll_per_token"]
+    interval = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else " (one seed: no interval)"
+    t.caption += f"; sampled (N = 12) − top-20 NLL per token, paired over seeds: {d['mean']:+.3f}{interval}"
+    if "cache_bytes_per_token" in results:
+        b = results["cache_bytes_per_token"]
+        t.caption += f"; cache bytes/token: top-20 {b['aligned']:.1f}, sampled {b['sampled']:.1f} ({b['sampled'] / b['aligned']:.2f}×)"
     return t
 
 
@@ -108,7 +129,7 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
 
     variants = results["variants"]
     labels = [v["label"].replace(", ", ",\n").replace(" (", "\n(") for v in variants]
-    colors = ["tab:gray", "tab:blue", "tab:purple", "tab:orange", "tab:green"]
+    colors = ["tab:gray", "tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:olive"]
     fig, (em_ax, nll_ax, proxy_ax) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [3, 3, 1.2]})
     for ax, metric, scale, title in (
         (em_ax, "exact_match", 100, "exact match on held-out prompts (%)"),

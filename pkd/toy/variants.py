@@ -11,7 +11,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Variant:
     """One row of the comparison: the student trained on `cache` ("aligned" or "unaligned"
-    proxy; None: not trained at all) with extra `pkd train-student` flags."""
+    proxy's top-20, "sampled": the aligned proxy's sampled cache; None: not trained at all) with
+    extra `pkd train-student` flags."""
 
     key: str
     label: str
@@ -25,4 +26,8 @@ VARIANTS = (
     Variant("unaligned_proxy", "Proxy-KD, unaligned proxy", "unaligned"),
     Variant("no_weights", "Proxy-KD, no sample weights", "aligned", ("--uniform-weights",)),
     Variant("proxy_kd", "Proxy-KD (full)", "aligned"),
+    # RS-KD is unbiased when the draws come from the proxy itself and the KD temperature is 1
+    Variant("sampled_cache", "Proxy-KD, sampled cache (N = 12)", "sampled", ("--temperature", "1")),
 )
+SAMPLES = 12  # draws per position of the "sampled" cache
+CACHE_DIRS = {"aligned": "logits", "unaligned": "logits-unaligned", "sampled": "logits-sampled"}

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from pkd.cache.codec import TopkCodec
+from pkd.cache.coded import codec_from_spec
 from pkd.cache.ops import read_cache_manifest
-from pkd.cache.shards import decode_batch, open_shard, write_shard
+from pkd.cache.shards import decode_batch, open_shard, shard_side, write_shard
 from pkd.cli import app
 from pkd.store import Folder
 
@@ -67,13 +67,14 @@ def _rewrite_same_size(cache: Path) -> None:
     folder = Folder(str(cache))
     manifest = read_cache_manifest(folder)
     entry = manifest.files[2]
-    samples = [s for b in open_shard(folder, entry.path).iter_batches() for s in decode_batch(b, TopkCodec.from_spec(manifest.codec))]
+    codec, pf = codec_from_spec(manifest.codec), open_shard(folder, entry.path)
+    samples = [s for b in pf.iter_batches() for s in decode_batch(b, codec, shard_side(pf))]
     for attempt in range(1, 400):
         changed = [s for s in samples]
         s = changed[attempt % len(changed)]
         s.token_logprob = s.token_logprob.copy()
         s.token_logprob[0] = np.float32(s.token_logprob[0] - 1e-3 * attempt)
-        rewritten = write_shard(Folder(str(cache / "tmp")), "x.parquet", changed, manifest, TopkCodec.from_spec(manifest.codec))
+        rewritten = write_shard(Folder(str(cache / "tmp")), "x.parquet", changed, manifest, codec)
         if rewritten.bytes == entry.bytes and rewritten.sha256 != entry.sha256:
             shutil.move(cache / "tmp" / "x.parquet", cache / entry.path)
             shutil.rmtree(cache / "tmp")

@@ -37,7 +37,7 @@ def _scores() -> dict[str, dict[str, dict]]:
     return scores
 
 
-def test_summary_is_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
+def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) -> None:
     world = ToyWorld.at(tmp_path, {"prompts": {"heldout": 4, "train": 8}})
     results = summarize(_scores(), world, [0, 1, 2], quick=False, timings={"total": 1.0}, commands=["pkd x"])
     by_key = {v["key"]: v for v in results["variants"]}
@@ -45,20 +45,33 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
     pkd = by_key["proxy_kd"]["exact_match"]
     assert pkd["values"] == pytest.approx([0.8, 0.82, 0.84])
     assert pkd["mean"] == pytest.approx(0.82) and pkd["std"] == pytest.approx(0.02)
-    assert by_key["student_base"]["exact_match"] == {"mean": 0.05, "std": 0.0, "values": [0.05]}
-    assert results["proxy_kd_gain_over_blackbox_kd"]["exact_match_points"] == pytest.approx(30.0)
+    assert pkd["ci95"] == pytest.approx(4.303 * 0.02 / 3**0.5)  # t_{0.975, 2} · s / √n
+    assert by_key["student_base"]["exact_match"]["ci95"] is None  # one value: no interval
+    effects = {e["label"]: e for e in results["paired_effects"]}
+    gain = effects["Proxy-KD − black-box KD"]["exact_match"]
+    # Per seed the difference is exactly 0.3: no spread, so the interval is 0 wide and excludes 0.
+    assert gain["values"] == pytest.approx([0.3] * 3) and gain["ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert gain["sign"] == 1 and gain["seeds"] == ["0", "1", "2"]
+    assert effects["sample weights (Proxy-KD − no weights)"]["nll_per_token"]["mean"] == pytest.approx(-0.05)
     assert results["proxy"]["before_alignment"]["top1_agreement"] == 0.6
     json.dumps(results)  # what results.json holds
 
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=240)
     console.print(results_table(results))
     text = " ".join(console.export_text().split())  # the caption wraps at the table's width
     for v in VARIANTS:
         assert v.label in text
-    assert "82.0% ± 2.0" in text and "+30.0 points" in text and "60.0% before alignment, 95.0% after" in text
+    assert "82.0 ± 5.0%" in text and "+30.0 ± 0.0" in text and "60.0% before alignment, 95.0% after" in text
 
     write_chart(results, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unpaired_seeds_are_refused(tmp_path: Path) -> None:
+    scores = _scores()
+    del scores["no_weights"]["2"]
+    with pytest.raises(ValueError, match="unpaired seeds"):
+        summarize(scores, ToyWorld.at(tmp_path, {"prompts": {"heldout": 4}}), [0, 1, 2], quick=False, timings={}, commands=[])
 
 
 def test_the_toy_recipe_checks_answers_as_the_task_family_states_them() -> None:
@@ -98,7 +111,7 @@ def test_quick_demo_runs_the_pipeline_end_to_end(toy_world_quick: ToyWorld) -> N
     # Distillation moved every trained student towards the teacher.
     base_nll = results["variants"][0]["nll_per_token"]["mean"]
     assert all(v["nll_per_token"]["mean"] < base_nll for v in results["variants"][1:])
-    assert results["teacher"]["exact_match"] >= 0.8
+    assert results["teacher"]["exact_match"] >= 0.5  # a flawed teacher: ~75% right
     proxy = results["proxy"]
     assert proxy["after_alignment"]["top1_agreement"] > proxy["before_alignment"]["top1_agreement"]
     # The four real commands ran, and every artifact they wrote is complete.

@@ -1,0 +1,122 @@
+"""What the demo's logit caches say about the proxy, read back from the artifacts alone (no model
+is loaded): how well ℓ separates wrong teacher responses from right ones, and where the proxy's
+top-1 agrees with the teacher's tokens.
+
+Position classes of a response token (the toy task's numbers are single tokens):
+- `all`: every response position;
+- `computed`: the number right after "=", where the arithmetic happens; split into
+  `computed_teacher_right` and `computed_teacher_slipped` by checking the teacher's equation;
+- `answer`: the number after "Answer:".
+At a slipped digit, `proxy_says_true` is the share where the proxy's top-1 is the true result:
+what KD then pulls the student towards, against the teacher's token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pkd.store import Folder
+from pkd.toy.stats import auc
+from pkd.toy.tasks import is_correct
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+EQUATION_RE = re.compile(r"(\d+) ([+-]) (\d+) =\s*$")
+ANSWER_RE = re.compile(r"Answer:\s*$")
+
+
+def _open(cache: Path):  # -> (Folder, LogitCacheManifest)
+    from pkd.records import LogitCacheManifest
+
+    folder = Folder(str(cache))
+    return folder, folder.read_manifest(LogitCacheManifest)
+
+
+def sample_order(cache: Path) -> list[str]:
+    """The cache's sample ids in file order (the order its rows are streamed from)."""
+    from pkd.cache.shards import iter_column
+
+    folder, manifest = _open(cache)
+    return [str(i) for chunk in iter_column(folder, manifest, "sample_id") for i in chunk]
+
+
+def _teacher_correct(teacher: Path) -> dict[str, bool]:
+    """sample_id → whether the teacher's response states the prompt's (correct) reference."""
+    from pkd.teacher.samples import read_teacher_samples
+
+    _, samples = read_teacher_samples(Folder(str(teacher)))
+    return {s.sample_id: is_correct(s, s.response) for s in samples if s.reference is not None}
+
+
+def weight_separation(teacher: Path, cache: Path) -> dict[str, Any]:
+    """AUC of ℓ for telling right teacher responses (positive) from wrong ones, and the mean
+    sample weight w = σ((ℓ − μ)/γ) each group gets, over the cache's samples."""
+    from pkd.cache.shards import iter_column
+    from pkd.student.losses import sample_weights
+
+    import torch
+
+    folder, manifest = _open(cache)
+    right = _teacher_correct(teacher)
+    ids = np.concatenate(list(iter_column(folder, manifest, "sample_id")))
+    ell = np.concatenate(list(iter_column(folder, manifest, "seq_logprob"))).astype(np.float64)
+    stats = manifest.seq_logprob
+    w = sample_weights(torch.from_numpy(ell), stats.mu, stats.gamma).numpy()
+    ok = np.array([right[str(i)] for i in ids])
+    return {
+        "samples": int(len(ok)),
+        "teacher_wrong_share": float(1 - ok.mean()),
+        "auc_ell_right_vs_wrong": auc(ell[ok].tolist(), ell[~ok].tolist()),
+        "mean_weight_right": float(w[ok].mean()) if ok.any() else None,
+        "mean_weight_wrong": float(w[~ok].mean()) if (~ok).any() else None,
+        "mean_weight": float(w.mean()),
+    }
+
+
+def _classes(pieces: list[str], response_text_before: str = "") -> list[tuple[str, int | None]]:
+    """(class, true result or None) for each response token given its decoded pieces."""
+    out, text = [], response_text_before
+    for piece in pieces:
+        cls, true = "other", None
+        if piece.strip().isdigit():
+            eq = EQUATION_RE.search(text)
+            if eq:
+                a, op, b = int(eq[1]), eq[2], int(eq[3])
+                true = a + b if op == "+" else a - b
+                cls = "computed_teacher_right" if int(piece) == true else "computed_teacher_slipped"
+            elif ANSWER_RE.search(text):
+                cls = "answer"
+        out.append((cls, true))
+        text += piece
+    return out
+
+
+def agreement_by_position(cache: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Top-1 agreement of the cached proxy with the teacher's tokens, per position class."""
+    from pkd.cache.shards import iter_samples
+
+    folder, manifest = _open(cache)
+    hits, counts = Counter(), Counter()
+    true_hits = 0
+    for s in iter_samples(folder, manifest):
+        response = s.input_ids[s.response_start :]  # (T,)
+        top1 = s.topk_ids[:, 0]  # (T,)
+        pieces = [tokenizer.decode([int(i)]) for i in response]
+        for t, (cls, true) in enumerate(_classes(pieces)):
+            agree = int(top1[t] == response[t])
+            groups = ["all", cls] + (["computed"] if cls.startswith("computed") else [])
+            for g in groups:
+                hits[g] += agree
+                counts[g] += 1
+            if cls == "computed_teacher_slipped":
+                true_hits += tokenizer.decode([int(top1[t])]).strip() == str(true)
+    out = {g: {"agreement": hits[g] / counts[g], "tokens": counts[g]} for g in counts if g != "other"}
+    if counts["computed_teacher_slipped"]:
+        out["computed_teacher_slipped"]["proxy_says_true"] = true_hits / counts["computed_teacher_slipped"]
+    return out

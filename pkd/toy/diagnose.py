@@ -2,19 +2,20 @@
 is loaded): how well ℓ separates wrong teacher responses from right ones, and where the proxy's
 top-1 agrees with the teacher's tokens.
 
-Position classes of a response token (the toy task's numbers are single tokens):
+Position classes of a response token (a number may take two tokens, " 3" "1"):
 - `all`: every response position;
-- `computed`: the number right after "=", where the arithmetic happens; split into
+- `computed`: the tokens of the number right after "=", where the arithmetic happens; split into
   `computed_teacher_right` and `computed_teacher_slipped` by checking the teacher's equation;
-- `answer`: the number after "Answer:".
-At a slipped digit, `proxy_says_true` is the share where the proxy's top-1 is the true result:
-what KD then pulls the student towards, against the teacher's token.
+- `answer`: the tokens of the number after "Answer:".
+At a slipped token, `proxy_says_true` is the share where the proxy's top-1 is the true result's
+token: what KD then pulls the student towards, against the teacher's token.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +28,8 @@ from pkd.toy.tasks import is_correct
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-EQUATION_RE = re.compile(r"(\d+) ([+-]) (\d+) =\s*$")
-ANSWER_RE = re.compile(r"Answer:\s*$")
+EQUATION_RE = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)")
+ANSWER_RE = re.compile(r"Answer: (\d+)")
 
 
 def _open(cache: Path):  # -> (Folder, LogitCacheManifest)
@@ -79,21 +80,27 @@ def weight_separation(teacher: Path, cache: Path) -> dict[str, Any]:
     }
 
 
-def _classes(pieces: list[str], response_text_before: str = "") -> list[tuple[str, int | None]]:
-    """(class, true result or None) for each response token given its decoded pieces."""
-    out, text = [], response_text_before
-    for piece in pieces:
-        cls, true = "other", None
-        if piece.strip().isdigit():
-            eq = EQUATION_RE.search(text)
-            if eq:
-                a, op, b = int(eq[1]), eq[2], int(eq[3])
-                true = a + b if op == "+" else a - b
-                cls = "computed_teacher_right" if int(piece) == true else "computed_teacher_slipped"
-            elif ANSWER_RE.search(text):
-                cls = "answer"
-        out.append((cls, true))
-        text += piece
+def _classes(pieces: list[str], encode: Callable[[str], list[str]]) -> list[tuple[str, str | None]]:
+    """(class, the piece the true result has at this position, or None) for each response token,
+    from the tokens' decoded `pieces`. A number may span tokens (" 3", "1"): a token of a
+    computed result counts as `computed_teacher_slipped` when its piece differs from the piece
+    at the same index of the true result (`encode(" 31")`), else `computed_teacher_right`."""
+    text = "".join(pieces)
+    bounds = np.cumsum([0] + [len(p) for p in pieces])  # token i covers text[bounds[i]:bounds[i+1]]
+    out: list[tuple[str, str | None]] = [("other", None)] * len(pieces)
+
+    def tokens_in(span: tuple[int, int]) -> list[int]:
+        return [i for i in range(len(pieces)) if bounds[i] < span[1] and bounds[i + 1] > span[0]]
+
+    for m in EQUATION_RE.finditer(text):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        true = encode(" " + str(a + b if op == "+" else a - b))
+        for j, i in enumerate(tokens_in(m.span(4))):
+            t = true[j] if j < len(true) else None
+            out[i] = ("computed_teacher_right", None) if t == pieces[i] else ("computed_teacher_slipped", t)
+    for m in ANSWER_RE.finditer(text):
+        for i in tokens_in(m.span(1)):
+            out[i] = ("answer", None)
     return out
 
 
@@ -103,19 +110,23 @@ def agreement_by_position(cache: Path, tokenizer: PreTrainedTokenizerBase) -> di
 
     folder, manifest = _open(cache)
     hits, counts = Counter(), Counter()
+
+    def encode(text: str) -> list[str]:
+        return [tokenizer.decode([i]) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     true_hits = 0
     for s in iter_samples(folder, manifest):
         response = s.input_ids[s.response_start :]  # (T,)
         top1 = s.topk_ids[:, 0]  # (T,)
         pieces = [tokenizer.decode([int(i)]) for i in response]
-        for t, (cls, true) in enumerate(_classes(pieces)):
+        for t, (cls, true) in enumerate(_classes(pieces, encode)):
             agree = int(top1[t] == response[t])
             groups = ["all", cls] + (["computed"] if cls.startswith("computed") else [])
             for g in groups:
                 hits[g] += agree
                 counts[g] += 1
             if cls == "computed_teacher_slipped":
-                true_hits += tokenizer.decode([int(top1[t])]).strip() == str(true)
+                true_hits += tokenizer.decode([int(top1[t])]) == true
     out = {g: {"agreement": hits[g] / counts[g], "tokens": counts[g]} for g in counts if g != "other"}
     if counts["computed_teacher_slipped"]:
         out["computed_teacher_slipped"]["proxy_says_true"] = true_hits / counts["computed_teacher_slipped"]

@@ -8,10 +8,13 @@ Per response position t of sample b (logits at position t predict token t+1):
     loss  = Σ_t nll_t + α · w_b · kl_t   (a sum: the caller divides by the token count)
 
 Buckets: `tail` — the cached top-k ids plus one "rest" bucket holding 1 − Σ top-k, for both the
-proxy and the student (the student's rest mass is exact, a logsumexp over the other ids);
-`renorm` — the top-k ids only, both sides renormalised over them. The temperature τ divides the
-bucket log-probabilities of both sides (so `renorm` equals tempering the full logits and then
-truncating), and τ² keeps gradient magnitudes comparable across τ.
+proxy and the student (the student's rest mass is exact, a logsumexp over the other ids; with
+k = V there are no other ids and no rest bucket); `renorm` — the proxy's top-k renormalised to
+sum to 1, against the student's full-vocabulary log-probs at those ids. The student side is
+never renormalised: that would hide its mass outside the top-k and give it no gradient (a
+student with the proxy's shape on the top-k but half its mass elsewhere scores log 2, not 0).
+The temperature τ divides the bucket log-probabilities (`tail`) or the logits (`renorm`), and
+τ² keeps gradient magnitudes comparable across τ.
 
 Memory: the loss never builds a (B, T, V) float32 copy of the logits. Rows are processed in
 chunks of about 2^24 vocabulary entries; each chunk's gradient with respect to the logits is
@@ -21,7 +24,7 @@ computed in closed form during the forward and written into one buffer of the lo
     ∂/∂z_j [nll]      = q_j − 1[j = y]                      q = softmax(z)
     ∂/∂b   [kl]       = τ (softmax(b/τ) − P)  =: g           b = student bucket log-probs
     ∂/∂z_j [kl] tail  = g_j (j ∈ top-k)  or  g_rest · q_j / q_rest (j ∉ top-k),  − q_j Σ g
-    ∂/∂z_j [kl] renorm = g_j (j ∈ top-k), else 0
+    ∂/∂z_j [kl] renorm = τ (softmax(z/τ)_j − P_j)           P_j = 0 off the top-k
 """
 
 from __future__ import annotations
@@ -68,35 +71,48 @@ def _chunk(
     """nll (n,), kl (n,) and ∂(nll + c_kl·kl)/∂z (n, V) for one chunk of rows (see module doc)."""
     lse = torch.logsumexp(z, dim=-1)  # (n,)
     nll = lse - z.gather(1, y[:, None]).squeeze(1)  # (n,)
-    kl = torch.zeros_like(nll)
-    g = rest = None
-    if alpha:
-        lp = lp.to(z.dtype)
-        zs = z.gather(1, ids)  # (n, k)
-        if tail == "tail":
-            p_rest = (1.0 - lp.exp().sum(-1)).clamp_min(0.0)  # (n,) proxy mass off the top-k
-            a = torch.cat([lp, p_rest.log()[:, None]], dim=1)  # (n, k+1)
-            rest = z.scatter(1, ids, float("-inf"))  # (n, V) copy: non-top-k logits
-            lse_rest = torch.logsumexp(rest, dim=-1)  # (n,)
-            b = torch.cat([zs, lse_rest[:, None]], dim=1) - lse[:, None]  # (n, k+1)
-        else:
-            a, b = lp, zs  # (n, k): softmax makes the shift by lse irrelevant
-        log_p = torch.log_softmax(a / tau, dim=-1)  # (n, K) proxy buckets
-        log_q = torch.log_softmax(b / tau, dim=-1)  # (n, K) student buckets
-        p = log_p.exp()
-        kl = tau * tau * torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (n,)
-        g = c_kl[:, None] * tau * (log_q.exp() - p)  # (n, K) ∂(c_kl·kl)/∂b
+    if not alpha:
+        kl = torch.zeros_like(nll)
+        if not need_grad:
+            return nll, kl, None
+        grad = torch.sub(z, lse[:, None]).exp_()  # (n, V) q
+        return nll, kl, grad.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])
+    k = ids.shape[1]
+    lp = lp.to(z.dtype)
+    zs = z.gather(1, ids)  # (n, k)
+    if tail == "tail":
+        rest = z.scatter(1, ids, float("-inf"))  # (n, V) copy: non-top-k logits
+        lse_rest = torch.logsumexp(rest, dim=-1)  # (n,) −inf when k = V: no rest ids at all
+        has_rest = torch.isfinite(lse_rest)  # (n,)
+        # the proxy's mass off the top-k; none when the top-k is the whole vocabulary (float
+        # rounding of Σ p would otherwise leave mass in a bucket the student cannot fill)
+        p_rest = torch.where(has_rest, 1.0 - lp.exp().sum(-1), 0.0).clamp_min(0.0)  # (n,)
+        a = torch.cat([lp, p_rest.log()[:, None]], dim=1)  # (n, k+1)
+        b = torch.cat([zs, lse_rest[:, None]], dim=1) - lse[:, None]  # (n, k+1)
+        log_q = torch.log_softmax(b / tau, dim=-1)  # (n, k+1) student buckets
+    else:  # renorm: the student's full-vocabulary log-probs (tempered) at the proxy's ids
+        lse_t = lse if tau == 1.0 else torch.logsumexp(z / tau, dim=-1)  # (n,)
+        a, log_q = lp, zs / tau - lse_t[:, None]  # (n, k): Σ exp(log_q) ≤ 1, never renormalised
+    log_p = torch.log_softmax(a / tau, dim=-1)  # (n, K) proxy buckets (renorm: its top-k renormalised)
+    p = log_p.exp()
+    kl = tau * tau * torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (n,)
     if not need_grad:
         return nll, kl, None
-    coef_q = torch.ones_like(nll) if g is None or tail != "tail" else 1.0 - g.sum(-1)  # (n,)
-    grad = torch.sub(z, lse[:, None]).exp_().mul_(coef_q[:, None])  # (n, V) q·(1 − Σg)
-    grad.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])
-    if g is not None:
-        k = ids.shape[1]
+    c = c_kl[:, None] * tau  # (n, 1)
+    if tail == "tail":
+        g = c * (log_q.exp() - p)  # (n, k+1) ∂(c_kl·kl)/∂b
+        grad = torch.sub(z, lse[:, None]).exp_().mul_(1.0 - g.sum(-1, keepdim=True))  # (n, V) q·(1 − Σg)
         grad.scatter_add_(1, ids, g[:, :k])
-        if rest is not None:  # q_j / q_rest on non-top-k ids, 0 on the top-k (exp(−inf))
-            grad.add_(rest.sub_(lse_rest[:, None]).exp_().mul_(g[:, k:]))
-    return nll, kl, grad
+        # q_j / q_rest on non-top-k ids (0 on the top-k); rows without rest ids have g_rest = 0
+        grad.add_(rest.sub_(torch.where(has_rest, lse_rest, 0.0)[:, None]).exp_().mul_(g[:, k:]))
+    elif tau == 1.0:  # renorm: ∂(c_kl·kl)/∂z = c·(q − P on the top-k)
+        grad = torch.sub(z, lse[:, None]).exp_().mul_(1.0 + c)  # (n, V)
+        grad.scatter_add_(1, ids, -c * p)
+    else:  # renorm, tempered: c·(softmax(z/τ) − P on the top-k)
+        grad = torch.sub(z, lse[:, None]).exp_()  # (n, V) q
+        grad.add_(torch.div(z, tau).sub_(lse_t[:, None]).exp_().mul_(c))
+        grad.scatter_add_(1, ids, -c * p)
+    return nll, kl, grad.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])
 
 
 class _ChunkedKD(torch.autograd.Function):

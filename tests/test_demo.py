@@ -52,7 +52,7 @@ def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) ->
     # Per seed the difference is exactly 0.3: no spread, so the interval is 0 wide and excludes 0.
     assert gain["values"] == pytest.approx([0.3] * 3) and gain["ci95"] == pytest.approx(0.0, abs=1e-12)
     assert gain["sign"] == 1 and gain["seeds"] == ["0", "1", "2"]
-    assert effects["sample weights (Proxy-KD − no weights)"]["nll_per_token"]["mean"] == pytest.approx(-0.05)
+    assert effects["sample weights (Proxy-KD − uniform weights)"]["nll_per_token"]["mean"] == pytest.approx(-0.05)
     assert results["proxy"]["before_alignment"]["top1_agreement"] == 0.6
     json.dumps(results)  # what results.json holds
 

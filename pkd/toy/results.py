@@ -22,9 +22,9 @@ BASELINE = "blackbox_kd"
 EFFECTS = (
     ("proxy_kd", BASELINE, "Proxy-KD − black-box KD"),
     ("unaligned_proxy", BASELINE, "unaligned proxy − black-box KD"),
-    ("no_weights", BASELINE, "Proxy-KD without weights − black-box KD"),
+    ("no_weights", BASELINE, "Proxy-KD, uniform weights − black-box KD"),
     ("proxy_kd", "unaligned_proxy", "alignment (Proxy-KD − unaligned proxy)"),
-    ("proxy_kd", "no_weights", "sample weights (Proxy-KD − no weights)"),
+    ("proxy_kd", "no_weights", "sample weights (Proxy-KD − uniform weights)"),
 )
 
 

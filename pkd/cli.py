@@ -342,7 +342,7 @@ def evaluate(
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller world and one seed: a ~3-minute smoke test.")] = False,
     root: Annotated[Path | None, typer.Option(help="Where the world, the run and the results live (default: cache/demo/full or cache/demo/quick).")] = None,
-    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Student training seeds (repeatable; default 0 1 2, quick: 0).")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Student training seeds (repeatable; default 0 1 2 3 4, quick: 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the last run's artifacts: every step resumes or skips what it finished.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:

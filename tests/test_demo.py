@@ -33,7 +33,11 @@ def _scores() -> dict[str, dict[str, dict]]:
         "student_base": {"all": _report(0.05, 3.0, 0.4)},
     }
     for i, v in enumerate(VARIANTS[1:]):
-        scores[v.key] = {str(s): _report(0.5 + 0.1 * i + 0.02 * s, 0.5 - 0.05 * i, 0.9) for s in (0, 1, 2)}
+        scores[v.key] = {
+            str(s): _report(0.5 + 0.1 * i + 0.02 * s, 0.5 - 0.05 * i, 0.9)
+            | {"em_teacher_right": 0.6, "em_teacher_wrong": 0.1 * i, "repeats_teacher_error": 0.5}
+            for s in (0, 1, 2)
+        }
     return scores
 
 
@@ -53,6 +57,8 @@ def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) ->
     assert gain["values"] == pytest.approx([0.3] * 3) and gain["ci95"] == pytest.approx(0.0, abs=1e-12)
     assert gain["sign"] == 1 and gain["seeds"] == ["0", "1", "2"]
     assert effects["sample weights (Proxy-KD − uniform weights)"]["nll_per_token"]["mean"] == pytest.approx(-0.05)
+    assert effects["alignment (Proxy-KD − unaligned proxy)"]["em_teacher_wrong"]["mean"] == pytest.approx(0.2)
+    assert "em_teacher_wrong" not in by_key["student_base"]  # not scored for the base: no column
     assert results["proxy"]["before_alignment"]["top1_agreement"] == 0.6
     json.dumps(results)  # what results.json holds
 
@@ -62,6 +68,7 @@ def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) ->
     for v in VARIANTS:
         assert v.label in text
     assert "82.0 ± 5.0%" in text and "+30.0 ± 0.0" in text and "60.0% before alignment, 95.0% after" in text
+    assert "repeats teacher's error" in text and "+20.0 ± 0.0" in text
 
     write_chart(results, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -108,6 +115,12 @@ def test_quick_demo_runs_the_pipeline_end_to_end(toy_world_quick: ToyWorld) -> N
     for v in results["variants"]:
         for metric in ("exact_match", "nll_per_token", "top1_agreement"):
             assert math.isfinite(v[metric]["mean"]) and len(v[metric]["values"]) == 1
+        if v["key"] != "student_base":
+            assert 0 <= v["em_teacher_wrong"]["mean"] <= 1 and 0 <= v["repeats_teacher_error"]["mean"] <= 1
+    # The teacher errs on some held-out prompts; the caches say how ℓ ranks its wrong responses.
+    diag = results["diagnostics"]["aligned"]
+    assert 0 < diag["weights"]["teacher_wrong_share"] < 0.6 and 0 <= diag["weights"]["auc_ell_right_vs_wrong"] <= 1
+    assert diag["agreement"]["all"]["tokens"] > diag["agreement"]["computed"]["tokens"] > 0
     # Distillation moved every trained student towards the teacher.
     base_nll = results["variants"][0]["nll_per_token"]["mean"]
     assert all(v["nll_per_token"]["mean"] < base_nll for v in results["variants"][1:])

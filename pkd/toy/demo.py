@@ -236,10 +236,12 @@ class _Steps:
 def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: Callable[[str], None]) -> dict[str, Any]:
     """Every student, the proxy before/after alignment and the teacher itself, on the held-out
     teacher samples: NLL per token, top-1 agreement, exact match of the stated answer (the toy
-    recipe's [eval] settings, whose answer_pattern is the task family's ANSWER_RE)."""
+    recipe's [eval] settings, whose answer_pattern is the task family's ANSWER_RE); for students
+    also exact match split by whether the teacher answered that prompt right."""
     from pkd.config import RunConfig, load_recipe
     from pkd.progress import StepProgress
     from pkd.steps.evaluate import evaluate
+    from pkd.toy.diagnose import answers_by_teacher_correctness
 
     base = load_recipe().eval
     proxy_adapter = _proxy_adapter(paths.artifact("proxy"))
@@ -255,10 +257,16 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
             jobs += [(v.key, s, str(paths.student(v.key, s) / "model")) for s in seeds]
     say("\nscoring every model on the held-out teacher samples")
     out: dict[str, Any] = {}
+    heldout = paths.artifact("teacher-heldout")
     with StepProgress(len(jobs), description="eval", unit="models") as progress:
         for key, seed, model in jobs:
-            cfg = base.model_copy(update={"model": model, "samples": str(paths.artifact("teacher-heldout"))})
+            cfg = base.model_copy(update={"model": model, "samples": str(heldout)})
             report = evaluate(cfg, RunConfig())
+            if key not in ("teacher", "proxy_before", "proxy_after"):  # students: where the teacher erred
+                split = answers_by_teacher_correctness(Path(model), heldout)
+                report["em_teacher_right"] = split["teacher_right"]["exact_match"]
+                report["em_teacher_wrong"] = split["teacher_wrong"]["exact_match"]
+                report["repeats_teacher_error"] = split["teacher_wrong"]["repeats_teacher"]
             out.setdefault(key, {})["all" if seed is None else str(seed)] = report
             progress.update(done=1, tokens=report["tokens"])
     return out

@@ -59,16 +59,15 @@ def weight_separation(teacher: Path, cache: Path) -> dict[str, Any]:
     """AUC of ℓ for telling right teacher responses (positive) from wrong ones, and the mean
     sample weight w = σ((ℓ − μ)/γ) each group gets, over the cache's samples."""
     from pkd.cache.shards import iter_column
-    from pkd.student.losses import sample_weights
-
-    import torch
 
     folder, manifest = _open(cache)
     right = _teacher_correct(teacher)
     ids = np.concatenate(list(iter_column(folder, manifest, "sample_id")))
     ell = np.concatenate(list(iter_column(folder, manifest, "seq_logprob"))).astype(np.float64)
     stats = manifest.seq_logprob
-    w = sample_weights(torch.from_numpy(ell), stats.mu, stats.gamma).numpy()
+    # The trainer's w = σ((ℓ − μ)/γ) (pkd.student.losses.sample_weights; toy may not import the
+    # student stage, and the formula is one line).
+    w = 1 / (1 + np.exp(-(ell - stats.mu) / stats.gamma)) if stats.gamma > 0 else np.full_like(ell, 0.5)
     ok = np.array([right[str(i)] for i in ids])
     return {
         "samples": int(len(ok)),
@@ -131,3 +130,35 @@ def agreement_by_position(cache: Path, tokenizer: PreTrainedTokenizerBase) -> di
     if counts["computed_teacher_slipped"]:
         out["computed_teacher_slipped"]["proxy_says_true"] = true_hits / counts["computed_teacher_slipped"]
     return out
+
+
+def answers_by_teacher_correctness(model: Path, heldout: Path) -> dict[str, Any]:
+    """A student's greedy answers on the held-out prompts, split by whether the teacher's own
+    held-out response was right: exact match on each part, and on the part the teacher got wrong,
+    how often the student repeats the teacher's wrong answer (it learnt the teacher's mistake)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pkd.teacher.samples import read_teacher_samples
+    from pkd.toy.tasks import extract_answer
+    from pkd.toy.train import greedy_responses
+
+    _, samples = read_teacher_samples(Folder(str(heldout)))
+    samples = [s for s in samples if s.reference is not None]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model)
+    answers = [extract_answer(r) for r in greedy_responses(net, tokenizer, [s.messages[-1]["content"] for s in samples])]
+    right = [(a, s) for a, s in zip(answers, samples) if is_correct(s, s.response)]
+    wrong = [(a, s) for a, s in zip(answers, samples) if not is_correct(s, s.response)]
+    return {
+        "teacher_right": {"prompts": len(right), "exact_match": _share(a == s.reference for a, s in right)},
+        "teacher_wrong": {
+            "prompts": len(wrong),
+            "exact_match": _share(a == s.reference for a, s in wrong),
+            "repeats_teacher": _share(a == extract_answer(s.response) for a, s in wrong),
+        },
+    }
+
+
+def _share(hits: Any) -> float | None:
+    hits = list(hits)
+    return sum(hits) / len(hits) if hits else None

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from pkd.toy.world import ToyWorld
 
 METRICS = ("exact_match", "nll_per_token", "top1_agreement")
+# Students only: exact match on the held-out prompts the teacher answered right / wrong, and how
+# often a student repeats the teacher's wrong answer there.
+SPLIT_METRICS = ("em_teacher_right", "em_teacher_wrong", "repeats_teacher_error")
 BASELINE = "blackbox_kd"
 # The effects the demo reports, each a paired difference "a − b" over seeds.
 EFFECTS = (
@@ -47,14 +50,19 @@ def summarize(
 
     def metrics(key: str) -> dict[str, Any]:
         reports = list(scores[key].values())
-        return {m: _spread([float(r[m]) for r in reports]) for m in METRICS} | {"samples": reports[0]["rows"]}
+        names = METRICS + tuple(m for m in SPLIT_METRICS if all(r.get(m) is not None for r in reports))
+        return {m: _spread([float(r[m]) for r in reports]) for m in names} | {"samples": reports[0]["rows"]}
 
     def per_seed(key: str, metric: str) -> dict[str, float]:
         return {seed: float(r[metric]) for seed, r in scores[key].items()}
 
     variants = [{"key": v.key, "label": v.label, **metrics(v.key)} for v in VARIANTS]
+    def compared(a: str, b: str) -> tuple[str, ...]:
+        both = [*scores[a].values(), *scores[b].values()]
+        return METRICS + tuple(m for m in SPLIT_METRICS if all(r.get(m) is not None for r in both))
+
     effects = [
-        {"a": a, "b": b, "label": label} | {m: paired_difference(per_seed(a, m), per_seed(b, m)) for m in METRICS}
+        {"a": a, "b": b, "label": label} | {m: paired_difference(per_seed(a, m), per_seed(b, m)) for m in compared(a, b)}
         for a, b, label in EFFECTS
     ]
     teacher = scores["teacher"]["all"]
@@ -93,13 +101,16 @@ def results_table(results: dict[str, Any]) -> Group:
         title=f"Held-out results ({results['heldout_prompts']} prompts; mean ± 95% CI over {n} seed{'s' * (n > 1)})",
         title_justify="left",
     )
-    for col in ("student", "exact match", "NLL / token of teacher responses", "top-1 agreement"):
+    split = any("em_teacher_wrong" in v for v in results["variants"])
+    extra = ("EM, teacher right", "EM, teacher wrong", "repeats teacher's error") if split else ()
+    for col in ("student", "exact match", "NLL / token of teacher responses", "top-1 agreement", *extra):
         t.add_column(col, justify="left" if col == "student" else "right")
     for v in results["variants"]:
         em, nll, agree = (v[m] for m in METRICS)
+        cells = [_interval(v[m], 100, ".1f") + "%" if m in v else "–" for m in SPLIT_METRICS] if split else []
         t.add_row(
             v["label"], _interval(em, 100, ".1f") + "%", _interval(nll, 1, ".3f"), _interval(agree, 100, ".1f") + "%",
-            style="bold" if v["key"] == "proxy_kd" else None,
+            *cells, style="bold" if v["key"] == "proxy_kd" else None,
         )  # fmt: skip
     teacher, proxy = results["teacher"], results["proxy"]
     before, after = proxy["before_alignment"], proxy["after_alignment"]
@@ -110,11 +121,12 @@ def results_table(results: dict[str, Any]) -> Group:
         f"{100 * after['exact_match']:.1f}%)"
     )
     e = Table(title=f"Paired effects (a − b per seed; mean ± 95% t-interval over {n} seed{'s' * (n > 1)})", title_justify="left")
-    for col in ("effect", "exact match (points)", "NLL / token", "sign (exact match / NLL)"):
+    for col in ("effect", "exact match (points)", "NLL / token", "sign (exact match / NLL)", "EM where teacher wrong"):
         e.add_column(col, justify="left" if col == "effect" else "right")
     for eff in results["paired_effects"]:
         em, nll = eff["exact_match"], eff["nll_per_token"]
-        e.add_row(eff["label"], _interval(em, 100, "+.1f"), _interval(nll, 1, "+.3f"), f"{_sign(em['sign'])} / {_sign(nll['sign'])}")
+        wrong = _interval(eff["em_teacher_wrong"], 100, "+.1f") if "em_teacher_wrong" in eff else "–"
+        e.add_row(eff["label"], _interval(em, 100, "+.1f"), _interval(nll, 1, "+.3f"), f"{_sign(em['sign'])} / {_sign(nll['sign'])}", wrong)
     parts: list[Any] = [t, e]
     diag = results.get("diagnostics") or {}
     if diag:

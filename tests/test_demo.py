@@ -119,7 +119,7 @@ def test_quick_demo_runs_the_pipeline_end_to_end(toy_world_quick: ToyWorld) -> N
             assert 0 <= v["em_teacher_wrong"]["mean"] <= 1 and 0 <= v["repeats_teacher_error"]["mean"] <= 1
     # The teacher errs on some held-out prompts; the caches say how ℓ ranks its wrong responses.
     diag = results["diagnostics"]["aligned"]
-    assert 0 < diag["weights"]["teacher_wrong_share"] < 0.6 and 0 <= diag["weights"]["auc_ell_right_vs_wrong"] <= 1
+    assert 0 < diag["weights"]["teacher_wrong_share"] < 1 and 0 <= diag["weights"]["auc_ell_right_vs_wrong"] <= 1
     assert diag["agreement"]["all"]["tokens"] > diag["agreement"]["computed"]["tokens"] > 0
     # Distillation moved every trained student towards the teacher.
     base_nll = results["variants"][0]["nll_per_token"]["mean"]

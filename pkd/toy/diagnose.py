@@ -57,7 +57,8 @@ def _teacher_correct(teacher: Path) -> dict[str, bool]:
 
 def weight_separation(teacher: Path, cache: Path) -> dict[str, Any]:
     """AUC of ℓ for telling right teacher responses (positive) from wrong ones, and the mean
-    sample weight w = σ((ℓ − μ)/γ) each group gets, over the cache's samples."""
+    sample weight w = σ((ℓ − μ)/γ) each group gets, over the cache's samples; also the AUC of the
+    response's lowest token logprob."""
     from pkd.cache.shards import iter_column
 
     folder, manifest = _open(cache)
@@ -69,10 +70,17 @@ def weight_separation(teacher: Path, cache: Path) -> dict[str, Any]:
     # student stage, and the formula is one line).
     w = 1 / (1 + np.exp(-(ell - stats.mu) / stats.gamma)) if stats.gamma > 0 else np.full_like(ell, 0.5)
     ok = np.array([right[str(i)] for i in ids])
+    # Alternatives to the mean ℓ, for comparison: one slipped digit among ~20 tokens barely moves
+    # a mean, but it is the response's least likely token.
+    from pkd.cache.shards import iter_samples
+
+    worst = {s.sample_id: float(s.token_logprob.min()) for s in iter_samples(folder, manifest)}
+    low = np.array([worst[str(i)] for i in ids])
     return {
         "samples": int(len(ok)),
         "teacher_wrong_share": float(1 - ok.mean()),
         "auc_ell_right_vs_wrong": auc(ell[ok].tolist(), ell[~ok].tolist()),
+        "auc_min_token_logprob": auc(low[ok].tolist(), low[~ok].tolist()),
         "mean_weight_right": float(w[ok].mean()) if ok.any() else None,
         "mean_weight_wrong": float(w[~ok].mean()) if (~ok).any() else None,
         "mean_weight": float(w.mean()),

@@ -134,6 +134,10 @@ def results_table(results: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def _auc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def _sign(sign: int) -> str:
     return {1: "+", -1: "−", 0: "n.s."}[sign]
 
@@ -145,7 +149,7 @@ def _diagnostics_table(diag: dict[str, Any]) -> Any:
 
     t = Table(title="What the logit caches say (distillation set D_s)", title_justify="left")
     t.add_column("proxy")
-    for col in ("teacher wrong", "AUC of ℓ (right vs wrong)", "mean w right / wrong", "agree: all", "answer", "computed (=)", "at teacher slips", "proxy says true at slips"):
+    for col in ("teacher wrong", "AUC of ℓ (right vs wrong)", "AUC of min token logprob", "mean w right / wrong", "agree: all", "answer", "computed (=)", "at teacher slips", "proxy says true at slips"):
         t.add_column(col, justify="right")
     for name, d in diag.items():
         sep, agree = d["weights"], d["agreement"]
@@ -156,7 +160,7 @@ def _diagnostics_table(diag: dict[str, Any]) -> Any:
         auc = sep["auc_ell_right_vs_wrong"]
         w = "–" if sep["mean_weight_wrong"] is None else f"{sep['mean_weight_right']:.3f} / {sep['mean_weight_wrong']:.3f}"
         t.add_row(
-            name, f"{100 * sep['teacher_wrong_share']:.1f}%", "–" if auc is None else f"{auc:.3f}", w,
+            name, f"{100 * sep['teacher_wrong_share']:.1f}%", _auc(auc), _auc(sep.get("auc_min_token_logprob")), w,
             pct("all"), pct("answer"), pct("computed"), pct("computed_teacher_slipped"),
             pct("computed_teacher_slipped", "proxy_says_true"),
         )  # fmt: skip

@@ -43,7 +43,13 @@ def _scores() -> dict[str, dict[str, dict]]:
 
 def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) -> None:
     world = ToyWorld.at(tmp_path, {"prompts": {"heldout": 4, "train": 8}})
-    results = summarize(_scores(), world, [0, 1, 2], quick=False, timings={"total": 1.0}, commands=["pkd x"])
+    diag = {
+        "aligned": {
+            "weights": {"teacher_wrong_share": 0.25, "auc_ell_right_vs_wrong": 0.61, "auc_min_token_logprob": 0.7, "mean_weight_right": 0.52, "mean_weight_wrong": 0.44},
+            "agreement": {"all": {"agreement": 0.9, "tokens": 9}, "computed_teacher_slipped": {"agreement": 0.125, "tokens": 8, "proxy_says_true": 0.75}},
+        }
+    }  # fmt: skip
+    results = summarize(_scores(), world, [0, 1, 2], quick=False, timings={"total": 1.0}, commands=["pkd x"], diagnostics=diag)
     by_key = {v["key"]: v for v in results["variants"]}
     assert list(by_key) == [v.key for v in VARIANTS]
     pkd = by_key["proxy_kd"]["exact_match"]
@@ -69,6 +75,7 @@ def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) ->
         assert v.label in text
     assert "82.0 ± 5.0%" in text and "+30.0 ± 0.0" in text and "60.0% before alignment, 95.0% after" in text
     assert "repeats teacher's error" in text and "+20.0 ± 0.0" in text
+    assert all(cell in text for cell in ("0.610", "0.700", "0.520 / 0.440", "12.5%", "75.0%"))
 
     write_chart(results, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

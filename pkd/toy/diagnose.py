@@ -1,6 +1,7 @@
-"""What the demo's logit caches say about the proxy, read back from the artifacts alone (no model
-is loaded): how well ℓ separates wrong teacher responses from right ones, and where the proxy's
-top-1 agrees with the teacher's tokens.
+"""Where the demo's models are right and wrong. From the logit caches alone (no model loaded):
+how well ℓ separates wrong teacher responses from right ones, and where the proxy's top-1 agrees
+with the teacher's tokens. From a student: its answers on the held-out prompts the teacher got
+right and those it got wrong.
 
 Position classes of a response token (a number may take two tokens, " 3" "1"):
 - `all`: every response position;

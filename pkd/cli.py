@@ -282,9 +282,9 @@ def train_student(
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/student).")] = None,
     alpha: Annotated[float | None, typer.Option(help="KD strength α; 0 = plain SFT on the teacher's tokens.")] = None,
-    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket) or 'renorm'.")] = None,
+    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket on both sides) or 'renorm' (the proxy's top-k renormalised, against the student's full-vocabulary log-probs).")] = None,
     temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).")] = None,
-    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="w = 1 instead of σ((ℓ − μ)/γ).")] = None,
+    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="Every w = the cache's mean σ((ℓ − μ)/γ) instead of its own: same α·E(w), no spread.")] = None,
     lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
@@ -391,7 +391,7 @@ def evaluate(
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller world and one seed: a ~3-minute smoke test.")] = False,
     root: Annotated[Path | None, typer.Option(help="Where the world, the run and the results live (default: cache/demo/full or cache/demo/quick).")] = None,
-    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Student training seeds (repeatable; default 0 1 2, quick: 0).")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Student training seeds (repeatable; default 0 1 2 3 4, quick: 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the last run's artifacts: every step resumes or skips what it finished.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:

@@ -118,7 +118,7 @@ class TrainStudentConfig(Section):
     alpha: float = Field(default=1.0, ge=0.0)  # KD strength; 0 = SFT on teacher outputs
     tail: Literal["tail", "renorm"] = "tail"  # mass outside the cached top-k
     temperature: float = Field(default=1.0, gt=0.0)
-    uniform_weights: bool = False  # w = 1 instead of σ((ℓ − μ)/γ)
+    uniform_weights: bool = False  # every w = the cache's mean σ((ℓ − μ)/γ): keeps α·E[w]
     lora: bool = True  # LoRA adapter (peft) or full fine-tuning
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)

@@ -33,32 +33,59 @@ def _scores() -> dict[str, dict[str, dict]]:
         "student_base": {"all": _report(0.05, 3.0, 0.4)},
     }
     for i, v in enumerate(VARIANTS[1:]):
-        scores[v.key] = {str(s): _report(0.5 + 0.1 * i + 0.02 * s, 0.5 - 0.05 * i, 0.9) for s in (0, 1, 2)}
+        scores[v.key] = {
+            str(s): _report(0.5 + 0.1 * i + 0.02 * s, 0.5 - 0.05 * i, 0.9)
+            | {"em_teacher_right": 0.6, "em_teacher_wrong": 0.1 * i, "repeats_teacher_error": 0.5}
+            for s in (0, 1, 2)
+        }
     return scores
 
 
-def test_summary_is_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
+def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) -> None:
     world = ToyWorld.at(tmp_path, {"prompts": {"heldout": 4, "train": 8}})
-    results = summarize(_scores(), world, [0, 1, 2], quick=False, timings={"total": 1.0}, commands=["pkd x"])
+    diag = {
+        "aligned": {
+            "weights": {"teacher_wrong_share": 0.25, "auc_ell_right_vs_wrong": 0.61, "auc_min_token_logprob": 0.7, "mean_weight_right": 0.52, "mean_weight_wrong": 0.44},
+            "agreement": {"all": {"agreement": 0.9, "tokens": 9}, "computed_teacher_slipped": {"agreement": 0.125, "tokens": 8, "proxy_says_true": 0.75}},
+        }
+    }  # fmt: skip
+    results = summarize(_scores(), world, [0, 1, 2], quick=False, timings={"total": 1.0}, commands=["pkd x"], diagnostics=diag)
     by_key = {v["key"]: v for v in results["variants"]}
     assert list(by_key) == [v.key for v in VARIANTS]
     pkd = by_key["proxy_kd"]["exact_match"]
     assert pkd["values"] == pytest.approx([0.8, 0.82, 0.84])
     assert pkd["mean"] == pytest.approx(0.82) and pkd["std"] == pytest.approx(0.02)
-    assert by_key["student_base"]["exact_match"] == {"mean": 0.05, "std": 0.0, "values": [0.05]}
-    assert results["proxy_kd_gain_over_blackbox_kd"]["exact_match_points"] == pytest.approx(30.0)
+    assert pkd["ci95"] == pytest.approx(4.303 * 0.02 / 3**0.5)  # t_{0.975, 2} · s / √n
+    assert by_key["student_base"]["exact_match"]["ci95"] is None  # one value: no interval
+    effects = {e["label"]: e for e in results["paired_effects"]}
+    gain = effects["Proxy-KD − black-box KD"]["exact_match"]
+    # Per seed the difference is exactly 0.3: no spread, so the interval is 0 wide and excludes 0.
+    assert gain["values"] == pytest.approx([0.3] * 3) and gain["ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert gain["sign"] == 1 and gain["seeds"] == ["0", "1", "2"]
+    assert effects["sample weights (Proxy-KD − uniform weights)"]["nll_per_token"]["mean"] == pytest.approx(-0.05)
+    assert effects["alignment (Proxy-KD − unaligned proxy)"]["em_teacher_wrong"]["mean"] == pytest.approx(0.2)
+    assert "em_teacher_wrong" not in by_key["student_base"]  # not scored for the base: no column
     assert results["proxy"]["before_alignment"]["top1_agreement"] == 0.6
     json.dumps(results)  # what results.json holds
 
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=240)
     console.print(results_table(results))
     text = " ".join(console.export_text().split())  # the caption wraps at the table's width
     for v in VARIANTS:
         assert v.label in text
-    assert "82.0% ± 2.0" in text and "+30.0 points" in text and "60.0% before alignment, 95.0% after" in text
+    assert "82.0 ± 5.0%" in text and "+30.0 ± 0.0" in text and "60.0% before alignment, 95.0% after" in text
+    assert "repeats teacher's error" in text and "+20.0 ± 0.0" in text
+    assert all(cell in text for cell in ("0.610", "0.700", "0.520 / 0.440", "12.5%", "75.0%"))
 
     write_chart(results, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unpaired_seeds_are_refused(tmp_path: Path) -> None:
+    scores = _scores()
+    del scores["no_weights"]["2"]
+    with pytest.raises(ValueError, match="unpaired seeds"):
+        summarize(scores, ToyWorld.at(tmp_path, {"prompts": {"heldout": 4}}), [0, 1, 2], quick=False, timings={}, commands=[])
 
 
 def test_the_toy_recipe_checks_answers_as_the_task_family_states_them() -> None:
@@ -95,10 +122,16 @@ def test_quick_demo_runs_the_pipeline_end_to_end(toy_world_quick: ToyWorld) -> N
     for v in results["variants"]:
         for metric in ("exact_match", "nll_per_token", "top1_agreement"):
             assert math.isfinite(v[metric]["mean"]) and len(v[metric]["values"]) == 1
+        if v["key"] != "student_base":
+            assert 0 <= v["em_teacher_wrong"]["mean"] <= 1 and 0 <= v["repeats_teacher_error"]["mean"] <= 1
+    # The teacher errs on some held-out prompts; the caches say how ℓ ranks its wrong responses.
+    diag = results["diagnostics"]["aligned"]
+    assert 0 < diag["weights"]["teacher_wrong_share"] < 1 and 0 <= diag["weights"]["auc_ell_right_vs_wrong"] <= 1
+    assert diag["agreement"]["all"]["tokens"] > diag["agreement"]["computed"]["tokens"] > 0
     # Distillation moved every trained student towards the teacher.
     base_nll = results["variants"][0]["nll_per_token"]["mean"]
     assert all(v["nll_per_token"]["mean"] < base_nll for v in results["variants"][1:])
-    assert results["teacher"]["exact_match"] >= 0.8
+    assert results["teacher"]["exact_match"] >= 0.5  # a flawed teacher: ~75% right
     proxy = results["proxy"]
     assert proxy["after_alignment"]["top1_agreement"] > proxy["before_alignment"]["top1_agreement"]
     # The four real commands ran, and every artifact they wrote is complete.
@@ -122,11 +155,14 @@ def _cmdline(proc: Path) -> str:
         return ""
 
 
-def test_sampled_cache_is_compared_with_top20_paired_over_seeds() -> None:
-    from pkd.toy.results import paired
+def test_sampled_cache_is_compared_with_top20_paired_over_seeds(tmp_path: Path) -> None:
+    from pkd.toy.results import EFFECTS
 
     scores = _scores()
-    d = paired(scores, "sampled_cache", "proxy_kd", (0, 1, 2))["nll_per_token"]
-    want = scores["sampled_cache"]["0"]["nll_per_token"] - scores["proxy_kd"]["0"]["nll_per_token"]
-    assert d["values"] == pytest.approx([want] * 3) and d["mean"] == pytest.approx(want)
-    assert d["ci95"][0] == pytest.approx(want) and d["ci95"][1] == pytest.approx(want)  # no spread: a point
+    labels = [label for a, b, label in EFFECTS if (a, b) == ("sampled_cache", "proxy_kd")]
+    assert labels, "the sampled cache's paired effect is not reported"
+    seeds = sorted(k for k in scores["proxy_kd"] if k != "all")
+    results = summarize(scores, ToyWorld.at(tmp_path, {"prompts": {"heldout": 4}}), [int(s) for s in seeds], quick=False, timings={}, commands=[])
+    d = next(e for e in results["paired_effects"] if e["label"] == labels[0])["nll_per_token"]
+    want = [scores["sampled_cache"][s]["nll_per_token"] - scores["proxy_kd"][s]["nll_per_token"] for s in seeds]
+    assert d["mean"] == pytest.approx(sum(want) / len(want)) and d["seeds"] == seeds

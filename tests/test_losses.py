@@ -13,9 +13,12 @@ from pkd.student.losses import IGNORE_INDEX, proxy_kd_loss, sample_weights
 
 def dense_reference(logits, shift_labels, proxy_logp, weights, k, *, alpha, tail, tau):
     """Plain autograd over the full vocabulary: the proxy's full distribution truncated to its
-    top-k (+ rest bucket), the student's full softmax aggregated into the same buckets."""
+    top-k (+ rest bucket: tail) and the student's full softmax aggregated into the same buckets;
+    or (renorm) the proxy's top-k renormalised against the student's tempered full softmax at
+    those ids."""
     B, L, V = logits.shape
     logq = torch.log_softmax(logits.double(), -1)  # (B, L, V)
+    logq_t = torch.log_softmax(logits.double() / tau, -1)  # (B, L, V)
     total = logits.new_zeros((), dtype=torch.float64)
     for b in range(B):
         for t in range(L):
@@ -24,14 +27,16 @@ def dense_reference(logits, shift_labels, proxy_logp, weights, k, *, alpha, tail
                 continue
             lp, ids = proxy_logp[b, t].double().topk(k)  # (k,)
             qs = logq[b, t, ids]  # (k,)
-            if tail == "tail":
+            if tail == "tail" and k < V:
                 rest = torch.ones(V, dtype=torch.bool)
                 rest[ids] = False
                 a = torch.cat([lp, torch.log1p(-lp.exp().sum()).reshape(1)])
                 bq = torch.cat([qs, torch.logsumexp(logq[b, t, rest], 0).reshape(1)])
+                log_p, log_s = torch.log_softmax(a / tau, 0), torch.log_softmax(bq / tau, 0)
+            elif tail == "tail":  # the top-k is the whole vocabulary: no rest bucket
+                log_p, log_s = torch.log_softmax(lp / tau, 0), torch.log_softmax(qs / tau, 0)
             else:
-                a, bq = lp, qs
-            log_p, log_s = torch.log_softmax(a / tau, 0), torch.log_softmax(bq / tau, 0)
+                log_p, log_s = torch.log_softmax(lp / tau, 0), logq_t[b, t, ids]
             kl = tau * tau * (log_p.exp() * (log_p - log_s)).sum()
             total = total + (-logq[b, t, y]) + alpha * weights[b] * kl
     return total
@@ -80,9 +85,45 @@ def test_hand_computed_small_cases():
     # nll: q - onehot(1) = (1/3, -2/3, 1/3); kl: g = (-1/6, 1/6) -> (-1/6, 1/12, 1/12)
     expected = torch.tensor([1 / 3 - 1 / 6, -2 / 3 + 1 / 12, 1 / 3 + 1 / 12], dtype=torch.float64)
     torch.testing.assert_close(z.grad.view(-1), expected)
-    # renorm: top-2 = (0, 1) with p (.5, .25) -> P = (2/3, 1/3), Q = (1/2, 1/2)
+    # renorm: top-2 = (0, 1) with p (.5, .25) -> P = (2/3, 1/3) against the full q = (1/3, 1/3)
     out = proxy_kd_loss(z.detach(), y, torch.tensor([[[0, 1]]]), torch.log(torch.tensor([[[0.5, 0.25]]])), w, tail="renorm")
-    assert out.kl.item() == pytest.approx(2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3))
+    assert out.kl.item() == pytest.approx(2 / 3 * math.log(2))
+
+
+def test_renorm_sees_student_mass_outside_the_topk():
+    """A student with the proxy's shape on the top-5 but half its mass elsewhere is log 2 away,
+    not 0 (renormalising the student side would call it a perfect match), and gets a gradient
+    that pulls the top-5 up."""
+    V, k = 50, 5
+    p_top = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08], dtype=torch.float64)  # proxy's top-5, Σ = 1
+    q = torch.full((V,), 0.5 / (V - k), dtype=torch.float64)
+    q[:k] = 0.5 * p_top  # same shape on the top-5, half the mass
+    z = q.log().view(1, 1, V).clone().requires_grad_(True)
+    ids = torch.arange(k).view(1, 1, k)
+    lp = (0.9 * p_top).log().float().view(1, 1, k)  # the proxy's own top-5 hold 90%
+    out = proxy_kd_loss(z, torch.tensor([[0]]), ids, lp, torch.ones(1, dtype=torch.float64), tail="renorm")
+    assert out.kl.item() == pytest.approx(math.log(2), rel=1e-6)
+    out.loss.backward()
+    kl_grad = z.grad[0, 0] - (q - torch.nn.functional.one_hot(torch.tensor(0), V))  # minus the NLL's q − 1[y]
+    torch.testing.assert_close(kl_grad, q - torch.cat([p_top, torch.zeros(V - k, dtype=torch.float64)]))
+    assert (kl_grad[:k] < 0).all() and (kl_grad[k:] > 0).all()  # top-5 pulled up, the rest pushed down
+
+
+@pytest.mark.parametrize("tail", ["tail", "renorm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_topk_covering_the_whole_vocabulary_stays_finite(tail, dtype):
+    """k = V: the tail bucket is empty on both sides; values and gradients stay finite and match
+    the dense reference (float32 rounding of Σ p must not leave the proxy mass in an empty bucket)."""
+    logits, labels, ids, lp, w, proxy_logp = make_case(V=12, k=12, dtype=dtype)
+    x = logits.clone().requires_grad_(True)
+    out = proxy_kd_loss(x, labels, ids, lp, w, alpha=0.7, tail=tail, chunk_rows=4)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(out.kl) and torch.isfinite(x.grad).all()
+    ref_x = logits.double().clone().requires_grad_(True)
+    ref = dense_reference(ref_x, labels, proxy_logp.float(), w, 12, alpha=0.7, tail=tail, tau=1.0)
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_alpha_zero_is_cross_entropy():

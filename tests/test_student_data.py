@@ -58,7 +58,7 @@ def test_batches_align_cached_topk_with_positions(cache):
 def test_truncation_keeps_alignment(cache):
     folder, manifest = cache
     batch = take(CacheStream(folder, manifest, batch_size=16, max_length=10, uniform_weights=True), 1)[0]
-    assert batch["input_ids"].shape[1] <= 10 and torch.all(batch["weights"] == 1)
+    assert batch["input_ids"].shape[1] <= 10 and len(set(batch["weights"].tolist())) == 1
     valid = batch["shift_labels"] != IGNORE_INDEX
     assert torch.equal(batch["shift_labels"][:, :-1][valid[:, :-1]], batch["input_ids"][:, 1:][valid[:, :-1]])
     assert not valid[:, -1].any()

@@ -163,3 +163,27 @@ def test_vllm_serves_the_teacher_as_transformers_decodes_it(toy_world_quick: Toy
     hf_acc = sum(is_correct(r, t) for r, t in zip(held, expected))
     vllm_acc = sum(is_correct(r, t) for r, t in zip(held, got))
     assert abs(hf_acc - vllm_acc) <= len(held) - same
+
+
+def test_the_flawed_teacher_errs_on_a_realistic_share_in_model_like_ways() -> None:
+    from pkd.toy.tasks import Flaws, parse_question
+
+    flaws = Flaws(seed=0)
+    problems = sample_problems(3000, seed=5)
+    wrong = [p for p in problems if flaws.answer(p) != p.answer]
+    assert 0.2 <= len(wrong) / len(problems) <= 0.3
+    kinds = {"slip": 0, "skip": 0}
+    for p in wrong[:300]:
+        steps = flaws.steps(p)
+        assert flaws.solution(p).endswith(f"Answer: {steps[-1][3]}")
+        assert parse_question(p.question) == p
+        if len(steps) < len(p.ops):
+            kinds["skip"] += 1  # a step left out; what is written is still one chain
+        if any((a + b if op == "+" else a - b) != r for a, op, b, r in steps):
+            kinds["slip"] += 1  # an equation off by one
+        assert all(steps[i][3] == steps[i + 1][0] for i in range(len(steps) - 1))
+    assert kinds["slip"] > 50 and kinds["skip"] > 20
+    # A fact's fate is fixed (a model's wrong fact is wrong every time); no flaws = the teacher style.
+    assert all(flaws.solution(p) == Flaws(seed=0).solution(p) for p in wrong[:50])
+    assert Flaws(seed=1).solution(wrong[0]) != flaws.solution(wrong[0]) or Flaws(seed=1).answer(wrong[1]) != flaws.answer(wrong[1])
+    assert all(Flaws(slip=0, skip=0).solution(p) == teacher_solution(p) for p in problems[:200])

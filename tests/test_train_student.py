@@ -21,6 +21,7 @@ from pkd.errors import CompatibilityError, IntegrityError
 from pkd.records import Manifest
 from pkd.steps.train_student import train_student
 from pkd.store import Folder
+from pkd.student.data import mean_weight
 from scored_cache import score_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +82,9 @@ def test_resume_continues_the_uninterrupted_run(tiny_family, scored_cache, tmp_p
 def test_alpha_zero_is_sft_through_the_same_path(tiny_family, scored_cache, tmp_path):
     train_student(config(tiny_family, scored_cache, tmp_path / "s", alpha=0.0, max_steps=2, uniform_weights=True), RunConfig())
     logged = [h for h in json.loads((tmp_path / "s" / "report.json").read_text())["log_history"] if "loss" in h]
-    assert all(h["kl"] == 0 and h["w_mean"] == 1 for h in logged)
+    folder = Folder(scored_cache)
+    mean_w = mean_weight(folder, folder.read_manifest())  # --uniform-weights: every w = E[w] of the cache
+    assert all(h["kl"] == 0 and h["w_mean"] == pytest.approx(mean_w, abs=1e-5) and h["w_std"] == 0 for h in logged)
     assert logged[0]["loss"] == pytest.approx(logged[0]["ce"], abs=1e-4)
 
 

@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pkd.cache.coded import codec_from_spec
 from pkd.errors import CompatibilityError, ConfigError, IntegrityError, PkdError, StorageError
 from pkd.fingerprint import tokenizer_fingerprint
-from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, open_shard, shard_side
+from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, iter_column, open_shard, seq_logprob_stats, shard_side
 from pkd.student.losses import IGNORE_INDEX, sample_weights
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
@@ -87,6 +87,19 @@ def check_student_compatible(manifest: LogitCacheManifest, tokenizer, model_voca
         problems.append(f"vocab size {manifest.vocab_size} (cache) vs {model_vocab_size} (student model, tokenizer has {len(tokenizer)} tokens)")
     if problems:
         raise CompatibilityError(f"{where} was made for another student: " + "; ".join(problems) + ". Re-run `pkd cache-logits` with a proxy that shares the student's tokenizer.")
+
+
+def mean_weight(folder: Folder, manifest: LogitCacheManifest) -> float:
+    """E[w] = mean of σ((ℓ − μ)/γ) over the whole cache: the weight `--uniform-weights` gives
+    every sample, so that ablation changes only how w is spread and keeps α·E[w] (w = 1 would
+    double the KD strength). One streaming pass over the ℓ column; μ/γ from the manifest, or from
+    the same column when the manifest lacks them."""
+    stats = manifest.seq_logprob or seq_logprob_stats(iter_column(folder, manifest, "seq_logprob"))
+    total, count = 0.0, 0
+    for values in iter_column(folder, manifest, "seq_logprob"):
+        total += float(sample_weights(torch.tensor(values, dtype=torch.float64), stats.mu, stats.gamma).sum())
+        count += len(values)
+    return total / count if count else 0.5
 
 
 class CacheReader:
@@ -212,7 +225,7 @@ class CacheStream(IterableDataset):
         num_streams: int = 1,
         rank: int = 0,
         world_size: int = 1,
-        uniform_weights: bool = False,
+        uniform_weights: bool = False,  # every w = the cache's mean weight (see mean_weight)
         pad_id: int = 0,
         pad_multiple: int = 1,
     ) -> None:
@@ -227,15 +240,16 @@ class CacheStream(IterableDataset):
             raise IntegrityError(f"{folder.where('manifest.json')}: no seq_logprob μ/γ (an unfinished cache?); finish it or pass --uniform-weights")
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
         self.shuffle_buffer, self.num_streams = shuffle_buffer, num_streams
-        self.rank, self.world_size, self.uniform_weights = rank, world_size, uniform_weights
+        self.rank, self.world_size = rank, world_size
+        self.uniform_weight = mean_weight(folder, manifest) if uniform_weights else None
         self.pad_id, self.pad_multiple = pad_id, pad_multiple
         self.start_batch = 0
         self.verified: set[int] = set()  # shards whose sha256 this process has checked
         self.readers: list[CacheReader] = []  # for the integrity check's cost (hash_s)
 
     def _weight(self, s: LogitSample) -> float:
-        if self.uniform_weights:
-            return 1.0
+        if self.uniform_weight is not None:
+            return self.uniform_weight
         stats = self.manifest.seq_logprob
         return float(sample_weights(torch.tensor(s.seq_logprob, dtype=torch.float64), stats.mu, stats.gamma))
 

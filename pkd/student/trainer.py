@@ -1,12 +1,22 @@
 """`ProxyKDTrainer`: a `transformers.Trainer` whose loss is the chunked Proxy-KD loss on batches of
 a `CacheStream`. Everything else (DDP/FSDP, mixed precision, checkpoints, logging) is Trainer's.
 
+The loss is fused with the output layer (`fused_proxy_kd_loss`: the (B, L, V) logits are never
+built) whenever the logits are provably hidden · Wᵀ: a bias-free `nn.Linear` head (tied or not;
+LoRA on the body is fine, LoRA on the head is not), a forward that takes `logits_to_keep`, and no
+FSDP (it shards W outside the module's forward). The first batch double-checks it: the model's
+own logits at the last position must equal hidden · Wᵀ there. Otherwise the unfused chunked loss
+runs on the model's logits, and the log says why.
+
 Overridden hooks and why:
 - `get_train_dataloader`: the stream shards itself per rank, so accelerate must neither
   dispatch batches from rank 0 nor re-shard an IterableDataset; batches arrive whole.
 - `compute_loss`: the KD loss, normalised by `num_items_in_batch` (response tokens over the
   whole accumulated, all-rank batch), so gradient accumulation and DDP give the gradient of the
-  global token mean; `loss_is_scaled_for_ga` tells Trainer not to divide again.
+  global token mean; `loss_is_scaled_for_ga` tells Trainer not to divide again. DDP averages
+  gradients over the data-parallel ranks, so the loss is multiplied back by their number:
+  processes // tp_size, as Trainer's own `compute_loss` does (tensor-parallel ranks share a batch).
+  A sampled cache's batches (they carry `topk_counts`) take the RS-KD estimator on the logits.
 - `log`: adds CE, KL and weight statistics to the training loss (so they reach every tracker
   `report_to` names), and logs the true epoch: samples consumed / cache rows (Trainer cannot
   know an IterableDataset's length and would log a fraction of max_steps instead).
@@ -16,6 +26,8 @@ batches were consumed, and the stream jumps there without reading them.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from pkd.student.losses import Tail, proxy_kd_loss
+from pkd.student.losses import Tail, fused_proxy_kd_loss, proxy_kd_loss
 from pkd.student.sampled_loss import sampled_kd_loss
 from pkd.student.data import CacheStream
 
@@ -34,6 +46,16 @@ class KDSettings:
     tail: Tail = "tail"
     temperature: float = 1.0
     proposal_temperature: float = 1.0  # sampled caches: what the draws came from (codec spec)
+    fused: bool = True  # fuse the output layer with the loss where the model allows it
+
+log = logging.getLogger(__name__)
+HEAD_CHECK_RTOL = 1e-3  # |hidden · Wᵀ − logits| at the last position, relative to max |logits|
+
+
+def data_parallel_scale(num_processes: int, tp_size: int, n_gpu: int) -> int:
+    """The factor DDP's gradient averaging divides by: processes // tp_size (tensor-parallel
+    ranks see the same batch), or the GPU count under DataParallel; Trainer's own rule."""
+    return num_processes // tp_size if n_gpu <= 1 else n_gpu
 
 
 class _ResumeStream(TrainerCallback):
@@ -59,25 +81,27 @@ class ProxyKDTrainer(Trainer):
         self.add_callback(_ResumeStream(self.train_dataset))
         self._sums = torch.zeros(6, dtype=torch.float64)  # nll, kl, tokens, Σw, Σw², samples
         self._w_range = [float("inf"), float("-inf")]
+        self._fused: bool | None = None if kd.fused else False  # decided on the first batch
 
-    def get_train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=None,  # the stream yields whole per-rank batches
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
-        )
+    def _output_weight(self, model) -> tuple[torch.Tensor | None, str]:  # noqa: ANN001
+        """The output layer's weight W if logits = hidden · Wᵀ can be fused with the loss, else
+        (None, why not)."""
+        inner = self.accelerator.unwrap_model(model)
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # under PEFT
+        head = inner.get_output_embeddings()
+        if self.is_fsdp_enabled:
+            return None, "FSDP shards the output layer's weight outside its forward"
+        if type(head) is not torch.nn.Linear or head.bias is not None:
+            return None, f"the output layer is a {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}, not a bias-free nn.Linear (LoRA on lm_head?)"
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return None, f"{type(base).__name__}.forward takes no logits_to_keep"
+        return head.weight, ""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        tokens = (inputs["shift_labels"] != -100).sum()
-        if num_items_in_batch is None:  # outside training: a per-batch mean
-            scale = 1.0 / max(int(tokens), 1)
-        else:  # DDP averages gradients over ranks: undo it, the normaliser is already global
-            procs = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            scale = procs / max(float(num_items_in_batch), 1.0)
-        if "topk_counts" in inputs:  # a sampled cache: the RS-KD estimator (tail does not apply)
-            out = sampled_kd_loss(
+    def _student_loss(self, model, inputs, scale: float):  # noqa: ANN001
+        """(KDLoss, model outputs), fused with the output layer when possible."""
+        if "topk_counts" in inputs:  # a sampled cache: the RS-KD estimator (tail does not apply), on the logits
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            loss = sampled_kd_loss(
                 outputs.logits,
                 inputs["shift_labels"],
                 inputs["topk_ids"],
@@ -89,18 +113,47 @@ class ProxyKDTrainer(Trainer):
                 proposal_temperature=self.kd.proposal_temperature,
                 scale=scale,
             )
-        else:
-            out = proxy_kd_loss(
-                outputs.logits,
-                inputs["shift_labels"],
-                inputs["topk_ids"],
-                inputs["topk_logprobs"],
-                inputs["weights"],
-                alpha=self.kd.alpha,
-                tail=self.kd.tail,
-                temperature=self.kd.temperature,
-                scale=scale,
-            )
+            return loss, outputs
+        kd = dict(alpha=self.kd.alpha, tail=self.kd.tail, temperature=self.kd.temperature, scale=scale)
+        batch = (inputs["shift_labels"], inputs["topk_ids"], inputs["topk_logprobs"], inputs["weights"])
+        weight, why = self._output_weight(model) if self._fused is not False else (None, "")
+        if weight is None:
+            if self._fused is None:
+                log.warning("Proxy-KD loss: not fused with the output layer (%s); the (B, L, V) logits are built", why)
+                self._fused = False
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            return proxy_kd_loss(outputs.logits, *batch, **kd), outputs
+        # logits at the last position only: cheap, and they let the first batch check the fusion
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        hidden = outputs.hidden_states[-1]  # (B, L, d) the output layer's input
+        if self._fused is None:
+            with torch.no_grad():
+                mine = hidden[:, -1].float() @ weight.float().T  # (B, V)
+                theirs = outputs.logits[:, -1].float()  # (B, V)
+                err = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
+            if not err <= HEAD_CHECK_RTOL:
+                log.warning("Proxy-KD loss: not fused with the output layer (the model's logits differ from hidden · Wᵀ by %.2g relative); the (B, L, V) logits are built", err)
+                self._fused = False
+                return self._student_loss(model, inputs, scale)
+            self._fused = True
+        return fused_proxy_kd_loss(hidden, weight, *batch, **kd), outputs
+
+    def get_train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=None,  # the stream yields whole per-rank batches
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        tokens = (inputs["shift_labels"] != -100).sum()
+        if num_items_in_batch is None:  # outside training: a per-batch mean
+            scale = 1.0 / max(int(tokens), 1)
+        else:  # DDP averages gradients over data-parallel ranks: undo it, the normaliser is global
+            procs = data_parallel_scale(self.accelerator.num_processes, self.get_tp_size(), self.args.n_gpu) if self.args.average_tokens_across_devices else 1
+            scale = procs / max(float(num_items_in_batch), 1.0)
+        out, outputs = self._student_loss(model, inputs, scale)
         if model.training:
             w = inputs["weights"].double().cpu()
             self._sums += torch.stack([out.nll.double().cpu(), out.kl.double().cpu(), out.tokens.double().cpu(), w.sum(), (w * w).sum(), torch.tensor(float(len(w)))])

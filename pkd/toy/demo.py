@@ -11,10 +11,12 @@ as a user would — each one a `pkd ...` child process, printed before it runs:
     pkd train-student    one student per variant and seed -> run/students/VARIANT-seedS
 
 then scores every student (and the proxy before and after alignment) on the held-out teacher
-samples with `pkd.steps.evaluate` and writes `results.json` and `results.png` beside `run/`.
+samples with `pkd.steps.evaluate`, reads what the caches say about the proxy
+(`pkd.toy.diagnose`), and writes `results.json` and `results.png` beside `run/`.
 Seeds vary the student's training (its data order, and a LoRA adapter's initialisation when
 the recipe trains one); the teacher samples, the alignment and the caches are shared by all
-seeds.
+seeds. Both caches hold the same samples in the same order (checked), so a seed gives every
+variant the same data order and variants are compared seed by seed (paired).
 
 Later runs reuse the world and rerun the pipeline from scratch; `resume=True` keeps `run/` and
 lets every step resume or skip what it already finished (each step's own resumability).
@@ -42,7 +44,7 @@ from pkd.toy.variants import CACHE_DIRS, SAMPLES, VARIANTS, Variant
 from pkd.toy.world import ToyWorld, build_world
 
 DEFAULT_ROOT = Path("cache") / "demo"
-FULL_SEEDS = (0, 1, 2)
+FULL_SEEDS = (0, 1, 2, 3, 4)
 QUICK_SEEDS = (0,)
 
 
@@ -107,13 +109,14 @@ def run_demo(
         steps.proxy_align()
     with _timer(timings, "cache_logits"):
         steps.cache_logits()
+    diagnostics = _diagnose(paths, world)
     with _timer(timings, "train_student"):
         steps.train_students([(v, seed) for seed in seeds for v in VARIANTS if v.cache])
     with _timer(timings, "eval"):
         scores = _evaluate_all(paths, world, seeds, say)
     timings["total"] = round(time.monotonic() - start, 1)
 
-    results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands)
+    results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands, diagnostics=diagnostics)
     results["cache_bytes_per_token"] = {name: _bytes_per_token(paths.artifact(d)) for name, d in CACHE_DIRS.items()}
     results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
     tmp = paths.results.with_suffix(".tmp")
@@ -235,11 +238,13 @@ class _Steps:
 def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: Callable[[str], None]) -> dict[str, Any]:
     """Every student, the proxy before/after alignment and the teacher itself, on the held-out
     teacher samples: NLL per token, top-1 agreement, exact match of the stated answer (the toy
-    recipe's [eval] settings, whose answer_pattern is the task family's ANSWER_RE)."""
+    recipe's [eval] settings, whose answer_pattern is the task family's ANSWER_RE); for students
+    also exact match split by whether the teacher answered that prompt right."""
     from pkd.config import RunConfig, load_recipe
     from pkd.console import step_console
     from pkd.progress import StepProgress
     from pkd.steps.evaluate import evaluate
+    from pkd.toy.diagnose import answers_by_teacher_correctness
 
     base = load_recipe().eval
     proxy_adapter = _proxy_adapter(paths.artifact("proxy"))
@@ -255,10 +260,16 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
             jobs += [(v.key, s, str(paths.student(v.key, s) / "model")) for s in seeds]
     say("\nscoring every model on the held-out teacher samples")
     out: dict[str, Any] = {}
+    heldout = paths.artifact("teacher-heldout")
     with step_console("eval", str(paths.run / "eval")), StepProgress(len(jobs), description="eval", unit="models") as progress:
         for key, seed, model in jobs:
-            cfg = base.model_copy(update={"model": model, "samples": str(paths.artifact("teacher-heldout"))})
+            cfg = base.model_copy(update={"model": model, "samples": str(heldout)})
             report = evaluate(cfg, RunConfig())
+            if key not in ("teacher", "proxy_before", "proxy_after"):  # students: where the teacher erred
+                split = answers_by_teacher_correctness(Path(model), heldout)
+                report["em_teacher_right"] = split["teacher_right"]["exact_match"]
+                report["em_teacher_wrong"] = split["teacher_wrong"]["exact_match"]
+                report["repeats_teacher_error"] = split["teacher_wrong"]["repeats_teacher"]
             out.setdefault(key, {})["all" if seed is None else str(seed)] = report
             progress.update(done=1, tokens=report["tokens"])
     return out
@@ -269,6 +280,25 @@ def _bytes_per_token(cache: Path) -> float:
 
     m = Folder(str(cache)).read_manifest()
     return m.total_bytes / max(m.tokens, 1)
+
+
+def _diagnose(paths: DemoPaths, world: ToyWorld) -> dict[str, Any]:
+    """Per cache: how ℓ separates wrong teacher responses from right ones, and the proxy's top-1
+    agreement with the teacher per position class. Refuses caches whose samples are not in the
+    same order, since then a seed would not give every variant the same data order."""
+    from transformers import AutoTokenizer
+
+    from pkd.toy.diagnose import agreement_by_position, sample_order, weight_separation
+
+    caches = {"aligned": paths.artifact("logits"), "unaligned": paths.artifact("logits-unaligned")}
+    if sample_order(caches["aligned"]) != sample_order(caches["unaligned"]):
+        raise DemoError(f"{caches['aligned']} and {caches['unaligned']} hold different samples or orders: seeds would not pair")
+    tokenizer = AutoTokenizer.from_pretrained(world.tokenizer)
+    teacher = paths.artifact("teacher")
+    return {
+        name: {"weights": weight_separation(teacher, cache), "agreement": agreement_by_position(cache, tokenizer)}
+        for name, cache in caches.items()
+    }
 
 
 def _proxy_adapter(proxy_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The demo's comparison: per-variant mean ± std over seeds, as JSON, a rich table and a chart."""
+"""The demo's comparison as JSON, rich tables and a chart: per-variant means with 95% intervals
+over seeds, and *paired* differences (a seed fixes the data order for every variant)."""
 
 from __future__ import annotations
 
@@ -7,37 +8,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pkd.toy.stats import mean_ci, paired_difference
 from pkd.toy.variants import VARIANTS
 
 if TYPE_CHECKING:
-    from rich.table import Table
+    from rich.console import Group
 
     from pkd.toy.world import ToyWorld
 
 METRICS = ("exact_match", "nll_per_token", "top1_agreement")
+# Students only: exact match on the held-out prompts the teacher answered right / wrong, and how
+# often a student repeats the teacher's wrong answer there.
+SPLIT_METRICS = ("em_teacher_right", "em_teacher_wrong", "repeats_teacher_error")
+BASELINE = "blackbox_kd"
+# The effects the demo reports, each a paired difference "a − b" over seeds.
+EFFECTS = (
+    ("proxy_kd", BASELINE, "Proxy-KD − black-box KD"),
+    ("unaligned_proxy", BASELINE, "unaligned proxy − black-box KD"),
+    ("no_weights", BASELINE, "Proxy-KD, uniform weights − black-box KD"),
+    ("proxy_kd", "unaligned_proxy", "alignment (Proxy-KD − unaligned proxy)"),
+    ("proxy_kd", "no_weights", "sample weights (Proxy-KD − uniform weights)"),
+    ("sampled_cache", "proxy_kd", "sampled cache (N = 12) − top-20 cache"),
+)
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample std (0 for one value) and the values themselves."""
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
-
-
-def paired(scores: dict[str, dict[str, dict[str, Any]]], a: str, b: str, seeds: Sequence[int]) -> dict[str, Any]:
-    """Per-seed differences a − b (same seed: same data order), their mean and a 95% t-interval."""
-    out = {}
-    for m in METRICS:
-        diffs = [float(scores[a][str(s)][m]) - float(scores[b][str(s)][m]) for s in seeds]
-        mean = statistics.fmean(diffs)
-        half = _T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
-        out[m] = {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "values": diffs}
-    return out
-
-
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t, two-sided 95%
+    """Mean, sample std (0 for one value), 95% t-interval half-width (None for one value)."""
+    return mean_ci(values) | {"std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def summarize(
@@ -48,14 +45,28 @@ def summarize(
     quick: bool,
     timings: dict[str, float],
     commands: list[str],
+    diagnostics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`scores[key][seed or "all"]` are `pkd eval` reports; the result is what results.json holds."""
+
     def metrics(key: str) -> dict[str, Any]:
         reports = list(scores[key].values())
-        return {m: _spread([float(r[m]) for r in reports]) for m in METRICS} | {"samples": reports[0]["rows"]}
+        names = METRICS + tuple(m for m in SPLIT_METRICS if all(r.get(m) is not None for r in reports))
+        return {m: _spread([float(r[m]) for r in reports]) for m in names} | {"samples": reports[0]["rows"]}
+
+    def per_seed(key: str, metric: str) -> dict[str, float]:
+        return {seed: float(r[metric]) for seed, r in scores[key].items()}
 
     variants = [{"key": v.key, "label": v.label, **metrics(v.key)} for v in VARIANTS]
-    by_key = {v["key"]: v for v in variants}
+
+    def compared(a: str, b: str) -> tuple[str, ...]:
+        both = [*scores[a].values(), *scores[b].values()]
+        return METRICS + tuple(m for m in SPLIT_METRICS if all(r.get(m) is not None for r in both))
+
+    effects = [
+        {"a": a, "b": b, "label": label} | {m: paired_difference(per_seed(a, m), per_seed(b, m)) for m in compared(a, b)}
+        for a, b, label in EFFECTS
+    ]
     teacher = scores["teacher"]["all"]
     before, after = scores["proxy_before"]["all"], scores["proxy_after"]["all"]
     return {
@@ -68,60 +79,101 @@ def summarize(
             "after_alignment": {m: after[m] for m in METRICS},
         },
         "variants": variants,
-        "proxy_kd_gain_over_blackbox_kd": {
-            "exact_match_points": 100 * (by_key["proxy_kd"]["exact_match"]["mean"] - by_key["blackbox_kd"]["exact_match"]["mean"]),
-            "nll_per_token": by_key["proxy_kd"]["nll_per_token"]["mean"] - by_key["blackbox_kd"]["nll_per_token"]["mean"],
-        },
-        "sampled_minus_topk20": paired(scores, "sampled_cache", "proxy_kd", seeds),
+        "paired_effects": effects,
+        "diagnostics": diagnostics or {},
         "world": world.report,
         "timings_s": timings,
         "commands": commands,
     }
 
 
-def results_table(results: dict[str, Any]) -> Table:
-    """The comparison as a rich table; teacher and proxy figures in the caption."""
+def _interval(d: dict[str, Any], scale: float, fmt: str) -> str:
+    """"mean ± half-width" (or the mean alone for one seed)."""
+    text = format(scale * d["mean"], fmt)
+    return text if d["ci95"] is None else f"{text} ± {format(scale * d['ci95'], fmt.lstrip('+'))}"
+
+
+def results_table(results: dict[str, Any]) -> Group:
+    """The comparison (means ± 95% CI), the paired effects, and what the caches say."""
+    from rich.console import Group
     from rich.table import Table
 
     n = len(results["seeds"])
     t = Table(
-        title=f"Held-out results ({results['heldout_prompts']} prompts; mean ± std over {n} seed{'s' * (n > 1)})",
+        title=f"Held-out results ({results['heldout_prompts']} prompts; mean ± 95% CI over {n} seed{'s' * (n > 1)})",
         title_justify="left",
     )
-    t.add_column("student")
-    t.add_column("exact match", justify="right")
-    t.add_column("NLL/token", justify="right")  # of the teacher's responses; short: 80 columns
-    t.add_column("top-1 agree", justify="right")
+    split = any("em_teacher_wrong" in v for v in results["variants"])
+    extra = ("EM, teacher right", "EM, teacher wrong", "repeats teacher's error") if split else ()
+    for col in ("student", "exact match", "NLL / token of teacher responses", "top-1 agreement", *extra):
+        t.add_column(col, justify="left" if col == "student" else "right")
     for v in results["variants"]:
         em, nll, agree = (v[m] for m in METRICS)
-        style = "bold" if v["key"] == "proxy_kd" else None
+        cells = [_interval(v[m], 100, ".1f") + "%" if m in v else "–" for m in SPLIT_METRICS] if split else []
         t.add_row(
-            v["label"],
-            f"{100 * em['mean']:.1f}% ± {100 * em['std']:.1f}",
-            f"{nll['mean']:.3f} ± {nll['std']:.3f}",
-            f"{100 * agree['mean']:.1f}% ± {100 * agree['std']:.1f}",
-            style=style,
-        )
+            v["label"], _interval(em, 100, ".1f") + "%", _interval(nll, 1, ".3f"), _interval(agree, 100, ".1f") + "%",
+            *cells, style="bold" if v["key"] == "proxy_kd" else None,
+        )  # fmt: skip
     teacher, proxy = results["teacher"], results["proxy"]
-    gain = results["proxy_kd_gain_over_blackbox_kd"]["exact_match_points"]
     before, after = proxy["before_alignment"], proxy["after_alignment"]
     t.caption = (
-        f"teacher exact match {100 * teacher['exact_match']:.1f}%; proxy top-1 agreement with the teacher "
-        f"{100 * before['top1_agreement']:.1f}% before alignment, {100 * after['top1_agreement']:.1f}% after "
-        f"(proxy exact match {100 * before['exact_match']:.1f}% → {100 * after['exact_match']:.1f}%); "
-        f"Proxy-KD − black-box KD: {gain:+.1f} points exact match"
+        f"teacher exact match {100 * teacher['exact_match']:.1f}% (against the correct answers); proxy top-1 "
+        f"agreement with the teacher {100 * before['top1_agreement']:.1f}% before alignment, "
+        f"{100 * after['top1_agreement']:.1f}% after (proxy exact match {100 * before['exact_match']:.1f}% → "
+        f"{100 * after['exact_match']:.1f}%)"
     )
-    d = results["sampled_minus_topk20"]["nll_per_token"]
-    interval = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else " (one seed: no interval)"
-    t.caption += f"; sampled (N = 12) − top-20 NLL per token, paired over seeds: {d['mean']:+.3f}{interval}"
     if "cache_bytes_per_token" in results:
-        b = results["cache_bytes_per_token"]
-        t.caption += f"; cache bytes/token: top-20 {b['aligned']:.1f}, sampled {b['sampled']:.1f} ({b['sampled'] / b['aligned']:.2f}×)"
+        c = results["cache_bytes_per_token"]
+        t.caption += f"; cache bytes/token: top-20 {c['aligned']:.1f}, sampled {c['sampled']:.1f} ({c['sampled'] / c['aligned']:.2f}×)"
+    e = Table(title=f"Paired effects (a − b per seed; mean ± 95% t-interval over {n} seed{'s' * (n > 1)})", title_justify="left")
+    for col in ("effect", "exact match (points)", "NLL / token", "sign (exact match / NLL)", "EM where teacher wrong"):
+        e.add_column(col, justify="left" if col == "effect" else "right")
+    for eff in results["paired_effects"]:
+        em, nll = eff["exact_match"], eff["nll_per_token"]
+        wrong = _interval(eff["em_teacher_wrong"], 100, "+.1f") if "em_teacher_wrong" in eff else "–"
+        e.add_row(eff["label"], _interval(em, 100, "+.1f"), _interval(nll, 1, "+.3f"), f"{_sign(em['sign'])} / {_sign(nll['sign'])}", wrong)
+    parts: list[Any] = [t, e]
+    diag = results.get("diagnostics") or {}
+    if diag:
+        parts.append(_diagnostics_table(diag))
+    return Group(*parts)
+
+
+def _auc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _sign(sign: int) -> str:
+    return {1: "+", -1: "−", 0: "n.s."}[sign]
+
+
+def _diagnostics_table(diag: dict[str, Any]) -> Any:
+    """Per cache (aligned / unaligned proxy): the AUC of ℓ for right vs wrong teacher responses,
+    the weights each group got, and top-1 agreement with the teacher per position class."""
+    from rich.table import Table
+
+    t = Table(title="What the logit caches say (distillation set D_s)", title_justify="left")
+    t.add_column("proxy")
+    for col in ("teacher wrong", "AUC of ℓ (right vs wrong)", "AUC of min token logprob", "mean w right / wrong", "agree: all", "answer", "computed (=)", "at teacher slips", "proxy says true at slips"):
+        t.add_column(col, justify="right")
+    for name, d in diag.items():
+        sep, agree = d["weights"], d["agreement"]
+
+        def pct(cls: str, key: str = "agreement") -> str:
+            return f"{100 * agree[cls][key]:.1f}%" if cls in agree and key in agree[cls] else "–"
+
+        auc = sep["auc_ell_right_vs_wrong"]
+        w = "–" if sep["mean_weight_wrong"] is None else f"{sep['mean_weight_right']:.3f} / {sep['mean_weight_wrong']:.3f}"
+        t.add_row(
+            name, f"{100 * sep['teacher_wrong_share']:.1f}%", _auc(auc), _auc(sep.get("auc_min_token_logprob")), w,
+            pct("all"), pct("answer"), pct("computed"), pct("computed_teacher_slipped"),
+            pct("computed_teacher_slipped", "proxy_says_true"),
+        )  # fmt: skip
     return t
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
-    """Bars with ±std error bars: exact match and NLL per variant; proxy agreement before/after."""
+    """Bars with 95% CI error bars: exact match and NLL per variant; proxy agreement before/after."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,8 +188,8 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         (nll_ax, "nll_per_token", 1, "NLL / token of held-out teacher responses"),
     ):
         means = [scale * v[metric]["mean"] for v in variants]
-        stds = [scale * v[metric]["std"] for v in variants]
-        bars = ax.bar(range(len(variants)), means, yerr=stds, capsize=4, color=colors)
+        cis = [scale * (v[metric]["ci95"] or 0.0) for v in variants]
+        bars = ax.bar(range(len(variants)), means, yerr=cis, capsize=4, color=colors)
         ax.set_xticks(range(len(variants)), labels, fontsize=8)
         ax.set_title(title)
         ax.bar_label(bars, fmt="%.3g", fontsize=8, label_type="center")
@@ -154,7 +206,7 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     proxy_ax.set_ylim(0, 100)
     proxy_ax.set_title("proxy top-1 agreement\nwith the teacher (%)")
     n = len(results["seeds"])
-    fig.suptitle(f"pkd demo ({results['mode']}): mean ± std over {n} seed{'s' * (n > 1)}")
+    fig.suptitle(f"pkd demo ({results['mode']}): mean ± 95% CI over {n} seed{'s' * (n > 1)}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -4,12 +4,14 @@
 ("23 + 8 = 31. 31 - 5 = 26. Answer: 26") or in the *proxy style* ("First add 8 to 23 to get
 31; then subtract 5 to get 26. The answer is 26."). Both are correct; they share the numbers but
 few tokens, so a proxy trained on one style disagrees with a teacher that writes the other until
-it is aligned. Every generator is deterministic for its seed; numbers stay small (0..30) so that
+it is aligned. The teacher can be given `Flaws`: a fixed set of arithmetic facts it gets wrong
+(a slip by one) or whose step it leaves out, as a model with a few wrong facts would. Every generator is deterministic for its seed; numbers stay small (0..30) so that
 each number is one token and a sample is ~40 tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -62,6 +64,12 @@ class Problem:
         return self.steps()[-1][3]
 
 
+def parse_question(question: str) -> Problem:
+    """The problem a `Problem.question` string states ("What is 23 + 8 - 5?")."""
+    tokens = question.removeprefix("What is ").removesuffix("?").split()
+    return Problem(tuple(int(t) for t in tokens[::2]), tuple(tokens[1::2]))
+
+
 def sample_problem(rng: random.Random, spec: TaskSpec = TaskSpec()) -> Problem:
     """One problem; an operation that would leave 0..ceiling is flipped (+ to -, - to +), which
     keeps the table of facts a tiny model must learn small (~31 x 9 x 2 entries)."""
@@ -102,6 +110,48 @@ def teacher_solution(p: Problem) -> str:
     """Terse equations, one per step: "23 + 8 = 31. 31 - 5 = 26. Answer: 26"."""
     eqs = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in p.steps())
     return f"{eqs} Answer: {p.answer}"
+
+
+@dataclass(frozen=True)
+class Flaws:
+    """The mistakes a flawed teacher makes, as properties of single arithmetic facts (a, op, b) so
+    a model can learn them: a `slip` share of facts come out one off ("17 + 5 = 23"), and a
+    `skip` share of later steps are left out altogether (the next equation goes on from the
+    previous result). Each fact's fate is a hash of (seed, fact); a slip's error carries into the
+    following steps, as a model's would. Per step ~14% → ~25% of prompts end wrong (tests)."""
+
+    slip: float = 0.09
+    skip: float = 0.05
+    seed: int = 0
+
+    def fate(self, a: int, op: str, b: int) -> str | None:
+        """"slip", "skip" or None for the fact `a op b`."""
+        digest = hashlib.blake2b(f"{self.seed}:{a}{op}{b}".encode(), digest_size=8).digest()
+        u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+        return "slip" if u < self.slip else "skip" if u < self.slip + self.skip else None
+
+    def steps(self, p: Problem) -> list[tuple[int, str, int, int]]:
+        """The (left, op, right, result) equations the flawed teacher writes for `p`."""
+        out, acc = [], p.numbers[0]
+        for i, (op, n) in enumerate(zip(p.ops, p.numbers[1:])):
+            fate = self.fate(acc, op, n)
+            if fate == "skip" and i > 0:  # the first step is never skipped: there is one to write
+                continue
+            result = acc + n if op == "+" else acc - n
+            if fate == "slip":
+                result += 1 if result < TaskSpec.ceiling else -1
+            out.append((acc, op, n, result))
+            acc = result
+        return out
+
+    def solution(self, p: Problem) -> str:
+        """The teacher style with this teacher's mistakes."""
+        steps = self.steps(p)
+        eqs = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in steps)
+        return f"{eqs} Answer: {steps[-1][3]}"
+
+    def answer(self, p: Problem) -> int:
+        return self.steps(p)[-1][3]
 
 
 def proxy_solution(p: Problem) -> str:

@@ -24,7 +24,7 @@ VARIANTS = (
     Variant("student_base", "student base (no distillation)", None),
     Variant("blackbox_kd", "black-box KD (α = 0)", "aligned", ("--alpha", "0")),
     Variant("unaligned_proxy", "Proxy-KD, unaligned proxy", "unaligned"),
-    Variant("no_weights", "Proxy-KD, no sample weights", "aligned", ("--uniform-weights",)),
+    Variant("no_weights", "Proxy-KD, uniform weights (= mean w)", "aligned", ("--uniform-weights",)),
     Variant("proxy_kd", "Proxy-KD (full)", "aligned"),
     # RS-KD is unbiased when the draws come from the proxy itself and the KD temperature is 1
     Variant("sampled_cache", "Proxy-KD, sampled cache (N = 12)", "sampled", ("--temperature", "1")),

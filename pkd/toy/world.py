@@ -3,8 +3,10 @@
 `build_world(root)` trains, on CPU in a few minutes, everything the demo needs and caches it:
 
 - one tokenizer over both solution styles, shared by all three models;
-- the TEACHER (the black box, served later by vLLM): SFT on teacher-style chats until its exact-
-  match accuracy on its own validation prompts reaches TARGET_ACCURACY;
+- the TEACHER (the black box, served later by vLLM): SFT on teacher-style chats written with its
+  `Flaws` (a few wrong arithmetic facts, a few steps it leaves out: ~25% of its answers are
+  wrong), until it reproduces its own intended answers on validation prompts at TARGET_ACCURACY;
+  held-out prompts keep the *correct* answer as their reference;
 - a GENERIC corpus: problems with solutions in both styles as plain text (question, newline,
   solution; no chat turns), standing in for web pre-training text;
 - the PROXY (bigger than the student): the generic corpus plus chats in the *proxy* style over a
@@ -34,11 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from pkd.toy.tasks import (
     STYLES,
+    Flaws,
     Problem,
     TaskSpec,
     chat_example,
     extract_answer,
     make_prompt_split,
+    parse_question,
     sample_problems,
     write_prompts,
 )
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
     from pkd.toy.train import Example
 
 MARKER = "world.json"
-FORMAT = 1  # bump when the build below changes what a world contains
+FORMAT = 2  # bump when the build below changes what a world contains
 TARGET_ACCURACY = 0.9
 PROXY_SPEC = TaskSpec(first=(1, 30), steps=(1, 3))  # related to TaskSpec(), not equal to it
 
@@ -85,13 +89,14 @@ class WorldSpec:
     proxy: ModelRecipe
     student: ModelRecipe
     extra_teacher_rounds: int  # half-length rounds at a third of the lr while below target
+    flaws: Flaws = Flaws()  # the teacher's mistakes; Flaws(0, 0) is an error-free teacher
     format: int = FORMAT
 
 
 FULL = WorldSpec(
     seed=0,
     n_train=1000,
-    n_heldout=200,
+    n_heldout=400,
     n_validation=200,
     n_teacher=8000,
     n_proxy=8000,
@@ -158,6 +163,7 @@ def build_world(
     faster per step, but with one core busy elsewhere they were 5-10x *slower* (spin-waiting)."""
     root = Path(root)
     spec = replace(QUICK if quick else FULL, seed=seed)
+    spec = replace(spec, flaws=replace(spec.flaws, seed=seed))
     spec_json = json.loads(json.dumps(asdict(spec)))
     marker = root / MARKER
     if marker.is_file():
@@ -207,6 +213,7 @@ def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str,
         write_prompts(heldout, world.prompts_heldout)
         held_q = [r["messages"][-1]["content"] for r in heldout]
         held_ref = [r["reference"] for r in heldout]
+        held_problems = [parse_question(q) for q in held_q]
         banned = frozenset(held_q)  # no training set below holds a held-out question
         validation = sample_problems(spec.n_validation, spec.seed + 1, exclude=banned)
         banned |= {p.question for p in validation}
@@ -238,8 +245,10 @@ def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str,
     members: dict[str, dict[str, Any]] = {}
     with _timed(timings, "teacher"):
         r, teacher = spec.teacher, new_model("teacher", 0)
-        examples = chat_examples(tokenizer, [chat_example(p, "teacher") for p in teacher_set])
-        val_q, val_ref = [p.question for p in validation], [str(p.answer) for p in validation]
+        flaws = spec.flaws
+        examples = chat_examples(tokenizer, [_flawed_chat(p, flaws) for p in teacher_set])
+        # The stopping check: does it say what it was taught to say (its mistakes included)?
+        val_q, val_ref = [p.question for p in validation], [str(flaws.answer(p)) for p in validation]
         loss = fit(teacher, r, examples)
         val_acc, _ = accuracy(teacher, val_q, val_ref)
         rounds = 0
@@ -249,15 +258,18 @@ def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str,
             loss = fit(teacher, r, examples, steps=r.steps // 2, lr=r.lr / 3, seed=spec.seed + rounds, warmup=0)
             val_acc, _ = accuracy(teacher, val_q, val_ref)
         acc, responses = accuracy(teacher, held_q, held_ref)
+        held_flawed = [str(flaws.answer(p)) for p in held_problems]
         teacher.save_pretrained(world.teacher, safe_serialization=True)
         members["teacher"] = {
             **_describe(r, teacher, len(examples), loss),
             "extra_rounds": rounds,
-            "validation_accuracy": val_acc,
+            "validation_fidelity": val_acc,
             "heldout_accuracy": acc,
+            "heldout_fidelity": sum(extract_answer(t) == a for t, a in zip(responses, held_flawed)) / len(responses),
+            "heldout_taught_accuracy": sum(a == r for a, r in zip(held_flawed, held_ref)) / len(held_ref),
         }
         del teacher
-    say(f"toy world: teacher held-out accuracy {acc:.1%} ({timings['teacher']['wall_s']} s)")
+    say(f"toy world: teacher held-out accuracy {acc:.1%}, as taught {members['teacher']['heldout_fidelity']:.1%} ({timings['teacher']['wall_s']} s)")
 
     # Agreement with the teacher is measured on its own greedy held-out replies, as the demo does.
     replies = [
@@ -288,6 +300,11 @@ def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str,
         "max_sample_tokens": max(len(e.ids) for e in teacher_tokens),
         "timings": {**timings, "total_wall_s": round(time.monotonic() - start, 1)},
     }
+
+
+def _flawed_chat(p: Problem, flaws: Flaws) -> list[dict[str, str]]:
+    """A teacher SFT chat: the question and the flawed teacher's worked solution."""
+    return [{"role": "user", "content": p.question}, {"role": "assistant", "content": flaws.solution(p)}]
 
 
 def _plain_text(p: Problem, style: str) -> str:

@@ -107,22 +107,6 @@ def test_proxy_align_report_fits_80_columns():
     assert sum("round-0" in line for line in lines) == 6  # both tables list every round
 
 
-def test_demo_results_table_fits_80_columns():
-    from pkd.toy.results import results_table
-    from pkd.toy.variants import VARIANTS
-
-    spread = {"mean": 0.577, "std": 0.113}
-    results = {
-        "seeds": [0, 1, 2],
-        "heldout_prompts": 200,
-        "variants": [{"key": v.key, "label": v.label, "exact_match": spread, "nll_per_token": {"mean": 0.114, "std": 0.019}, "top1_agreement": spread} for v in VARIANTS],
-        "teacher": {"exact_match": 1.0},
-        "proxy": {"before_alignment": {"top1_agreement": 0.659, "exact_match": 1.0}, "after_alignment": {"top1_agreement": 0.962, "exact_match": 0.4}},
-        "proxy_kd_gain_over_blackbox_kd": {"exact_match_points": 11.7},
-    }
-    _fits(_render(results_table(results)))
-
-
 def test_train_student_terminal_tracker_and_epochs(tiny_family, scored_cache, tmp_path):
     """The real command on the tiny family: only pkd's lines on the terminal, Trainer's
     dictionaries in the log, CE/KL/weights in TensorBoard, epoch = samples / cache rows."""

@@ -104,8 +104,8 @@ def test_corrupted_shard_stops_with_its_name_and_keeps_the_checkpoint(tiny_famil
     last = int(np.random.default_rng([0, 0]).permutation(len(manifest.files))[-1])  # read last in epoch 0
     victim = manifest.files[last].path
     data = bytearray((cache / victim).read_bytes())
-    entries = pq.ParquetFile(cache / victim).metadata.row_group(0).column(6)  # the top-k stream, not read before training
-    assert entries.path_in_schema == "entries.list.element"
+    row_group = pq.ParquetFile(cache / victim).metadata.row_group(0)
+    entries = next(row_group.column(c) for c in range(row_group.num_columns) if row_group.column(c).path_in_schema == "ids.list.element")  # the coded top-k ids, not read before training
     data[entries.data_page_offset + 40] ^= 0x10  # one bit: only its sha256 can tell
     (cache / victim).write_bytes(bytes(data))
     cfg = config(tiny_family, str(cache), tmp_path / "s", lora=False, shuffle_buffer=1, max_steps=12, save_steps=2)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from pkd.student.losses import CHUNK_ELEMENTS, IGNORE_INDEX, KDLoss
+from pkd.student.chunked import CHUNK_ELEMENTS
+from pkd.student.losses import IGNORE_INDEX, KDLoss
 
 
 def draw_weights(

@@ -94,45 +94,51 @@ def _interval(d: dict[str, Any], scale: float, fmt: str) -> str:
 
 
 def results_table(results: dict[str, Any]) -> Group:
-    """The comparison (means ± 95% CI), the paired effects, and what the caches say."""
+    """The comparison (means ± 95% CI), where the teacher erred, the paired effects, and what the
+    caches say: short tables that fit an 80-column terminal."""
     from rich.console import Group
     from rich.table import Table
 
     n = len(results["seeds"])
-    t = Table(
-        title=f"Held-out results ({results['heldout_prompts']} prompts; mean ± 95% CI over {n} seed{'s' * (n > 1)})",
-        title_justify="left",
-    )
-    split = any("em_teacher_wrong" in v for v in results["variants"])
-    extra = ("EM, teacher right", "EM, teacher wrong", "repeats teacher's error") if split else ()
-    for col in ("student", "exact match", "NLL / token of teacher responses", "top-1 agreement", *extra):
+    over = f"mean ± 95% CI over {n} seed{'s' * (n > 1)}"
+    t = Table(title=f"Held-out results ({results['heldout_prompts']} prompts; {over})", title_justify="left")
+    for col in ("student", "exact match", "NLL/token", "top-1"):
         t.add_column(col, justify="left" if col == "student" else "right")
     for v in results["variants"]:
         em, nll, agree = (v[m] for m in METRICS)
-        cells = [_interval(v[m], 100, ".1f") + "%" if m in v else "–" for m in SPLIT_METRICS] if split else []
         t.add_row(
             v["label"], _interval(em, 100, ".1f") + "%", _interval(nll, 1, ".3f"), _interval(agree, 100, ".1f") + "%",
-            *cells, style="bold" if v["key"] == "proxy_kd" else None,
+            style="bold" if v["key"] == "proxy_kd" else None,
         )  # fmt: skip
     teacher, proxy = results["teacher"], results["proxy"]
     before, after = proxy["before_alignment"], proxy["after_alignment"]
     t.caption = (
-        f"teacher exact match {100 * teacher['exact_match']:.1f}% (against the correct answers); proxy top-1 "
-        f"agreement with the teacher {100 * before['top1_agreement']:.1f}% before alignment, "
-        f"{100 * after['top1_agreement']:.1f}% after (proxy exact match {100 * before['exact_match']:.1f}% → "
-        f"{100 * after['exact_match']:.1f}%)"
+        f"NLL/token and top-1: of the teacher's responses. Teacher exact match {100 * teacher['exact_match']:.1f}% "
+        f"(against the correct answers); proxy top-1 agreement with the teacher {100 * before['top1_agreement']:.1f}% "
+        f"before alignment, {100 * after['top1_agreement']:.1f}% after (proxy exact match "
+        f"{100 * before['exact_match']:.1f}% → {100 * after['exact_match']:.1f}%)"
     )
     if "cache_bytes_per_token" in results:
         c = results["cache_bytes_per_token"]
         t.caption += f"; cache bytes/token: top-20 {c['aligned']:.1f}, sampled {c['sampled']:.1f} ({c['sampled'] / c['aligned']:.2f}×)"
-    e = Table(title=f"Paired effects (a − b per seed; mean ± 95% t-interval over {n} seed{'s' * (n > 1)})", title_justify="left")
-    for col in ("effect", "exact match (points)", "NLL / token", "sign (exact match / NLL)", "EM where teacher wrong"):
+    parts: list[Any] = [t]
+    split = [v for v in results["variants"] if "em_teacher_wrong" in v]
+    if split:
+        w = Table(title=f"Exact match where the teacher was right / wrong ({over})", title_justify="left")
+        for col in ("student", "teacher right", "teacher wrong", "repeats its error"):
+            w.add_column(col, justify="left" if col == "student" else "right")
+        for v in split:
+            w.add_row(v["label"], *(_interval(v[m], 100, ".1f") + "%" if m in v else "–" for m in SPLIT_METRICS))
+        parts.append(w)
+    e = Table(title=f"Paired effects (a − b per seed; {over})", title_justify="left")
+    for col in ("effect", "exact match", "NLL/token", "sign", "EM, t. wrong"):
         e.add_column(col, justify="left" if col == "effect" else "right")
     for eff in results["paired_effects"]:
         em, nll = eff["exact_match"], eff["nll_per_token"]
         wrong = _interval(eff["em_teacher_wrong"], 100, "+.1f") if "em_teacher_wrong" in eff else "–"
-        e.add_row(eff["label"], _interval(em, 100, "+.1f"), _interval(nll, 1, "+.3f"), f"{_sign(em['sign'])} / {_sign(nll['sign'])}", wrong)
-    parts: list[Any] = [t, e]
+        e.add_row(eff["label"], _interval(em, 100, "+.1f"), _interval(nll, 1, "+.3f"), f"{_sign(em['sign'])}/{_sign(nll['sign'])}", wrong)
+    e.caption = "exact match in points; sign: of exact match / NLL, n.s. where the interval covers 0; EM, t. wrong: on prompts the teacher got wrong"
+    parts.append(e)
     diag = results.get("diagnostics") or {}
     if diag:
         parts.append(_diagnostics_table(diag))
@@ -148,27 +154,37 @@ def _sign(sign: int) -> str:
 
 
 def _diagnostics_table(diag: dict[str, Any]) -> Any:
-    """Per cache (aligned / unaligned proxy): the AUC of ℓ for right vs wrong teacher responses,
-    the weights each group got, and top-1 agreement with the teacher per position class."""
+    """Per cache (aligned / unaligned proxy), one column each: the AUC of ℓ for right vs wrong
+    teacher responses, the weights each group got, and top-1 agreement with the teacher per
+    position class."""
     from rich.table import Table
 
     t = Table(title="What the logit caches say (distillation set D_s)", title_justify="left")
-    t.add_column("proxy")
-    for col in ("teacher wrong", "AUC of ℓ (right vs wrong)", "AUC of min token logprob", "mean w right / wrong", "agree: all", "answer", "computed (=)", "at teacher slips", "proxy says true at slips"):
-        t.add_column(col, justify="right")
-    for name, d in diag.items():
-        sep, agree = d["weights"], d["agreement"]
+    t.add_column("")
+    for name in diag:
+        t.add_column(f"{name} proxy", justify="right")
 
-        def pct(cls: str, key: str = "agreement") -> str:
-            return f"{100 * agree[cls][key]:.1f}%" if cls in agree and key in agree[cls] else "–"
+    def pct(d: dict[str, Any], cls: str, key: str = "agreement") -> str:
+        agree = d["agreement"]
+        return f"{100 * agree[cls][key]:.1f}%" if cls in agree and key in agree[cls] else "–"
 
-        auc = sep["auc_ell_right_vs_wrong"]
-        w = "–" if sep["mean_weight_wrong"] is None else f"{sep['mean_weight_right']:.3f} / {sep['mean_weight_wrong']:.3f}"
-        t.add_row(
-            name, f"{100 * sep['teacher_wrong_share']:.1f}%", _auc(auc), _auc(sep.get("auc_min_token_logprob")), w,
-            pct("all"), pct("answer"), pct("computed"), pct("computed_teacher_slipped"),
-            pct("computed_teacher_slipped", "proxy_says_true"),
-        )  # fmt: skip
+    def weights(d: dict[str, Any]) -> str:
+        sep = d["weights"]
+        return "–" if sep["mean_weight_wrong"] is None else f"{sep['mean_weight_right']:.3f} / {sep['mean_weight_wrong']:.3f}"
+
+    rows = (
+        ("teacher responses wrong", lambda d: f"{100 * d['weights']['teacher_wrong_share']:.1f}%"),
+        ("AUC of ℓ, right vs wrong", lambda d: _auc(d["weights"]["auc_ell_right_vs_wrong"])),
+        ("AUC of the min token logprob", lambda d: _auc(d["weights"].get("auc_min_token_logprob"))),
+        ("mean w, right / wrong", weights),
+        ("top-1 agreement: all tokens", lambda d: pct(d, "all")),
+        ("  answer digits", lambda d: pct(d, "answer")),
+        ("  digits computed after '='", lambda d: pct(d, "computed")),
+        ("  where the teacher slipped", lambda d: pct(d, "computed_teacher_slipped")),
+        ("proxy's top-1 true at slips", lambda d: pct(d, "computed_teacher_slipped", "proxy_says_true")),
+    )
+    for label, cell in rows:
+        t.add_row(label, *(cell(d) for d in diag.values()))
     return t
 
 

@@ -42,7 +42,7 @@ test-fast: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	for b in codec teacher_sample cache_logits train_student proxy_align; do $(PY) bench/$$b.py || exit 1; done
+	for b in codec teacher_sample cache_logits fused_loss train_student proxy_align; do $(PY) bench/$$b.py || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,7 +7,10 @@
   prefixes for plain prefill (prompt logprobs skip that cache), so every plain pass gets its own
   first token: no pass reuses another's KV blocks.
 - step level: `pkd cache-logits` end to end with each engine (tokenization, scoring, codec,
-  Parquet, manifest; engine start excluded), and the bytes per response token of the cache.
+  Parquet, manifest; engine start excluded), and the bytes per response token of the cache;
+  then again with a LoRA proxy (a seeded random r = 16 adapter on every linear layer): the
+  transformers engine applies the adapter, vLLM scores the merged model (the merge, made once
+  before scoring, is timed apart). Target (issue 14): vLLM-merged ≥ 1.0× transformers-with-LoRA.
 Targets: vLLM engine ≥ 2× the transformers engine (tokens/s); logprob extraction ≤ 1.5× plain
 prefill time. On a machine shared with other jobs, timings swing several-fold between passes:
 engine rows take the best of `--repeats` passes. Writes bench/results/cache_logits.json.
@@ -98,14 +101,39 @@ def engine_level(kind: str, seqs: list[list[int]], starts: list[int], k: int, dt
     return row
 
 
-def step_level(kind: str, k: int, dtype: str) -> dict:
-    out = WORK / f"logits-{kind}"
+def random_lora(out: Path) -> Path:
+    """A seeded LoRA r = 16 on every linear layer of the model, B not zero (PEFT's init would
+    leave the model unchanged): the work of a real aligned adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(MODEL_DIR)), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    model.save_pretrained(str(out))
+    return out
+
+
+def step_level(kind: str, k: int, dtype: str, adapter: Path | None = None) -> dict:
+    out = WORK / f"logits-{kind}{'-lora' if adapter else ''}"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = CacheLogitsConfig(teacher=str(WORK / "teacher"), model=str(MODEL_DIR), out=str(out), engine=kind, k=k, dtype=dtype, max_length=1024)
+    shutil.rmtree(Path(f"{out}-work"), ignore_errors=True)
+    cfg = CacheLogitsConfig(teacher=str(WORK / "teacher"), model=str(MODEL_DIR), adapter=str(adapter) if adapter else None, out=str(out), engine=kind, k=k, dtype=dtype, max_length=1024)
+    merge_s = 0.0
+    if adapter and kind == "vllm":  # the one-off merge, timed apart from scoring
+        from pkd.steps.cache_logits import resolve_proxy, scoring_model
+
+        tick = time.perf_counter()
+        scoring_model(resolve_proxy(cfg, RunConfig()), kind, str(out))
+        merge_s = time.perf_counter() - tick
     s = run_cache_logits(cfg, RunConfig(), progress=False)
     m = s.manifest
     return {
-        "engine": kind, "samples": s.scored, "response_tokens": s.tokens, "score_s": s.score_s, "elapsed_s": s.elapsed_s,
+        "engine": kind, "lora": bool(adapter), "merge_s": merge_s, "samples": s.scored, "response_tokens": s.tokens, "score_s": s.score_s, "elapsed_s": s.elapsed_s,
         "response_tokens_per_s": s.tokens_per_s, "bytes": m.total_bytes, "bytes_per_token": m.total_bytes / m.tokens,
     }  # fmt: skip
 
@@ -131,6 +159,9 @@ def main() -> None:
 
     engines = [engine_level(kind, seqs, starts, args.k, args.dtype, args.repeats) for kind in ("hf", "vllm")]
     steps = [step_level(kind, args.k, args.dtype) for kind in ("hf", "vllm")]
+    adapter = random_lora(WORK / "adapter")
+    steps += [step_level(kind, args.k, args.dtype, adapter) for kind in ("hf", "vllm")]
+    lora_ratio = steps[3]["response_tokens_per_s"] / steps[2]["response_tokens_per_s"]
     hf, vl = engines
     speedup = vl["tokens_per_s"] / hf["tokens_per_s"]
     extraction = vl["score_s"] / vl["plain_prefill_s"]
@@ -144,18 +175,20 @@ def main() -> None:
     t.add_row("vLLM score_topk (prompt logprobs)", f"{vl['score_s']:.2f}", f"{vl['score_cpu_s']:.2f}", f"{vl['tokens_per_s']:,.0f}", "")
     t.add_row("vLLM plain prefill (max_tokens=1)", f"{vl['plain_prefill_s']:.2f}", f"{vl['plain_prefill_cpu_s']:.2f}", f"{vl['tokens'] / vl['plain_prefill_s']:,.0f}", "")
     for s in steps:
-        t.add_row(f"pkd cache-logits --engine {s['engine']} (response tokens)", f"{s['score_s']:.2f} / {s['elapsed_s']:.2f}", "", f"{s['response_tokens_per_s']:,.0f}", f"{s['bytes_per_token']:.2f}")
+        name = f"pkd cache-logits --engine {s['engine']}" + (" + LoRA r16" + (f" (merged in {s['merge_s']:.1f} s)" if s["merge_s"] else "") if s["lora"] else "")
+        t.add_row(f"{name} (response tokens)", f"{s['score_s']:.2f} / {s['elapsed_s']:.2f}", "", f"{s['response_tokens_per_s']:,.0f}", f"{s['bytes_per_token']:.2f}")
     ok = lambda good: "[green]met[/]" if good else "[red]missed[/]"  # noqa: E731
     t.caption = (
         f"vLLM / transformers: {speedup:.2f}× (target ≥ {TARGET_SPEEDUP}×, {ok(speedup >= TARGET_SPEEDUP)}); "
         f"logprob extraction: {extraction:.2f}× plain prefill (target ≤ {TARGET_EXTRACTION}×, {ok(extraction <= TARGET_EXTRACTION)}); "
         f"by CPU time {cpu_ratios['vllm_speedup']:.2f}× and {cpu_ratios['extraction_ratio']:.2f}×; "
+        f"LoRA proxy, vLLM merged / transformers + adapter: {lora_ratio:.2f}× (target ≥ 1.0×, {ok(lora_ratio >= 1.0)}); "
         f"engine rows: best of {args.repeats}; step seconds = scoring / whole step without engine start"
     )
     Console().print(t)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"device": device, "model": str(MODEL_DIR), "args": vars(args), "engines": engines, "steps": steps, "vllm_speedup": speedup, "extraction_ratio": extraction, "by_cpu_time": cpu_ratios}
+    result = {"device": device, "model": str(MODEL_DIR), "args": vars(args), "engines": engines, "steps": steps, "vllm_speedup": speedup, "extraction_ratio": extraction, "lora_merged_vllm_vs_hf": lora_ratio, "by_cpu_time": cpu_ratios}
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -1,22 +1,31 @@
 """Benchmark the Proxy-KD student trainer against plain SFT and online white-box KD.
 
-    python bench/train_student.py [--out bench/results/train_student.json]          # CPU, fp32
+    python bench/train_student.py [--out bench/results/train_student.json]     # CPU: V = 151,936 and 32,768
     python bench/train_student.py --device cuda --vocab 151936 --seq 2048 --batch 2  # GPU, bf16
 
 Same student, same tokens for every variant; each runs in its own subprocess so that its peak
 RSS (and on GPU torch.cuda.max_memory_allocated) is its own:
-- proxy-kd: `ProxyKDTrainer`, α = 1, top-k (k = 20) streamed from a logit cache;
-- kd-alpha0: the same trainer and stream with α = 0 (vanilla black-box KD = SFT);
-- hf-sft: a plain transformers Trainer, the model's own loss on completion-only labels;
+- proxy-kd: `ProxyKDTrainer`, α = 1, top-k (k = 20) streamed from a logit cache, the loss fused
+  with the output layer (no (B, L, V) logits);
+- kd-alpha0: the same trainer and stream with α = 0 (vanilla black-box KD = SFT), fused too;
+- proxy-kd-unfused: proxy-kd on the model's (B, L, V) logits (the reference the tests use);
+- hf-sft: a plain transformers Trainer, the model's own loss on completion-only labels (it builds
+  the logits);
 - trl-sft: TRL's SFTTrainer on the same token ids, completion-only loss (skipped if TRL is
   not installed, as on the GPU image);
 - online-kd: white-box KD with the proxy resident (about 4× the student's parameters): a proxy
-  forward per batch and a dense full-vocabulary forward KL.
+  forward per batch and a dense full-vocabulary forward KL;
+- online-kd-chunked: the same objective through the same fused chunking as proxy-kd (the proxy's
+  logits made chunk by chunk from its hidden states): the fair online opponent.
 All variants train LoRA (r = 16) on a random-init Llama; the cache holds random top-k over the
 full vocabulary (its values do not change the work). Tokens/s counts input tokens per median step
-after `--warmup`, best of `--rounds` interleaved runs (a shared CPU's neighbours add noise). Targets: proxy-kd ≥ 0.85× SFT tokens/s, peak memory ≤ 1.15× SFT (GPU: ≤ 1.10×),
-≥ 1.5× online-KD tokens/s. The cache variants also time train-student's integrity check (the
-manifest against its shards before training, each shard's sha256 as first opened): target
+after `--warmup`, best of `--rounds` interleaved runs; on CPU the ratios use tokens per CPU-second
+(a shared machine's wall clock measures the neighbours too), both are printed.
+
+Targets (issue 14), each printed PASS/MISS: at the largest vocabulary, proxy-kd peak memory
+≤ 0.6× hf-sft and tokens/s ≥ 1.0× hf-sft; at every vocabulary, proxy-kd's overhead over kd-alpha0
+≤ 10% in time and ≤ 5% in memory, and proxy-kd ≥ 1.5× the tokens/s of online-kd-chunked. The cache variants also time train-student's integrity
+check (the manifest against its shards before training, each shard's sha256 as first opened):
 ≤ 3% of the training time (`integrity_share`).
 """
 
@@ -34,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("proxy-kd", "kd-alpha0", "hf-sft", "trl-sft", "online-kd")
+VARIANTS = ("proxy-kd", "kd-alpha0", "proxy-kd-unfused", "hf-sft", "trl-sft", "online-kd", "online-kd-chunked")
 K = 20
 
 
@@ -76,6 +85,7 @@ def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
+    from pkd.student.chunked import fused_head_loss
     from pkd.student.trainer import KDSettings, ProxyKDTrainer
     from pkd.cache.shards import iter_samples
     from pkd.store import Folder
@@ -122,8 +132,39 @@ def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
         check_stats(folder, manifest)
         checked_s = time.perf_counter() - tick
         stream = CacheStream(folder, manifest, batch_size=a.batch, max_length=a.seq, shuffle_buffer=64, pad_multiple=8 if cuda else 1)
-        kd = KDSettings(alpha=0.0 if variant == "kd-alpha0" else 1.0)
+        kd = KDSettings(alpha=0.0 if variant == "kd-alpha0" else 1.0, fused=variant != "proxy-kd-unfused")
         cls = ProxyKDTrainer
+        if variant == "online-kd-chunked":
+            proxy = AutoModelForCausalLM.from_pretrained(work / "proxy", dtype=dtype).to(a.device).eval().requires_grad_(False)
+
+            class ChunkedOnlineKD(ProxyKDTrainer):
+                """CE + full-vocabulary KL(proxy ‖ student), both output layers fused with the
+                loss: per chunk of rows the proxy's logits come from its hidden states."""
+
+                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+                    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                    with torch.no_grad():
+                        hp = proxy.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)  # (N, dp)
+                    out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, output_hidden_states=True)
+                    y = inputs["shift_labels"].flatten()  # (N,)
+                    rows = (y != -100).nonzero().squeeze(1)  # (M,)
+                    w_p = proxy.lm_head.weight  # (V, dp)
+
+                    def chunk_loss(z, r, need_grad):  # z: (n, V) student logits of rows r
+                        log_p = torch.log_softmax((hp[r] @ w_p.T).float(), -1)  # (n, V)
+                        log_q = torch.log_softmax(z, -1)  # (n, V)
+                        nll = -log_q.gather(1, y[r, None]).squeeze(1)
+                        p = log_p.exp()
+                        kl = (p * (log_p - log_q)).sum(-1)
+                        grad = log_q.exp_().mul_(2).sub_(p)  # ∂(nll + kl)/∂z = 2q − p − 1[y]
+                        grad.scatter_add_(1, y[r, None], torch.full_like(nll, -1.0)[:, None])
+                        return nll, kl, nll + kl, grad
+
+                    head = model.get_output_embeddings().weight
+                    loss, *_ = fused_head_loss(out.hidden_states[-1], head, rows, chunk_loss, scale=1.0 / max(len(rows), 1))
+                    return loss
+
+            cls = ChunkedOnlineKD
         if variant == "online-kd":
             proxy = AutoModelForCausalLM.from_pretrained(work / "proxy", dtype=dtype).to(a.device).eval().requires_grad_(False)
 
@@ -162,74 +203,124 @@ def run_variant(variant: str, work: Path, a: argparse.Namespace) -> dict:
     }
 
 
-def table(results: list[dict], a: argparse.Namespace) -> dict:
-    """Print the comparison; ratios use tokens per CPU-second on CPU (a shared machine's wall
-    clock measures the neighbours too) and wall-clock tokens/s on GPU."""
+TARGETS = {  # check: (ratio key, comparison, bound, only at the largest vocabulary)
+    "memory vs hf-sft": ("memory_vs_hf-sft", "<=", 0.6, True),
+    "tokens/s vs hf-sft": ("throughput_vs_hf-sft", ">=", 1.0, True),
+    "time overhead vs kd-alpha0": ("time_overhead_vs_kd-alpha0", "<=", 0.10, False),
+    "memory overhead vs kd-alpha0": ("memory_overhead_vs_kd-alpha0", "<=", 0.05, False),
+    "tokens/s vs online-kd-chunked": ("throughput_vs_online-kd-chunked", ">=", 1.5, False),
+    "integrity check share of training": ("integrity_share", "<=", 0.03, False),
+}
+
+
+def ratios(results: list[dict], cuda: bool) -> dict[str, float]:
+    """proxy-kd against every other variant: tokens/s (CPU: per CPU-second; the wall-clock ratio
+    is kept beside it) and peak memory."""
+    by = {r["variant"]: r for r in results}
+    rate, mem = ("tokens_per_s", "peak_gpu_mb") if cuda else ("tokens_per_cpu_s", "peak_rss_mb")
+    kd = by["proxy-kd"]
+    out = {}
+    for v, r in by.items():
+        if v != "proxy-kd":
+            out[f"throughput_vs_{v}"] = kd[rate] / r[rate]
+            out[f"wall_throughput_vs_{v}"] = kd["tokens_per_s"] / r["tokens_per_s"]
+            out[f"memory_vs_{v}"] = kd[mem] / r[mem]
+    if kd.get("integrity_s") is not None:
+        out["integrity_share"] = kd["integrity_s"] / kd["train_s"]
+    if "kd-alpha0" in by:
+        out["time_overhead_vs_kd-alpha0"] = by["kd-alpha0"][rate] / kd[rate] - 1
+        out["memory_overhead_vs_kd-alpha0"] = kd[mem] / by["kd-alpha0"][mem] - 1
+    return out
+
+
+def verdicts(checks: dict[int, dict[str, float]]) -> list[dict]:
+    """PASS/MISS of each target at each vocabulary it applies to."""
+    largest = max(checks)
+    rows = []
+    for vocab, c in sorted(checks.items(), reverse=True):
+        for name, (key, op, bound, largest_only) in TARGETS.items():
+            if key not in c or (largest_only and vocab != largest):
+                continue
+            ok = c[key] <= bound if op == "<=" else c[key] >= bound
+            rows.append({"vocab": vocab, "target": name, "value": c[key], "bound": f"{op} {bound}", "verdict": "PASS" if ok else "MISS"})
+    return rows
+
+
+def print_tables(runs: dict[int, list[dict]], checks: dict[int, dict[str, float]], verdict_rows: list[dict], a: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    by = {r["variant"]: r for r in results}
-    sft = by.get("hf-sft") or by.get("trl-sft") or by["kd-alpha0"]  # the strictest plain SFT first
+    console = Console(width=150)
     cuda = a.device == "cuda"
     rate, mem = ("tokens_per_s", "peak_gpu_mb") if cuda else ("tokens_per_cpu_s", "peak_rss_mb")
-    t = Table(title=f"train-student, {a.device}: V={a.vocab:,}, seq {a.seq}, batch {a.batch}, {a.steps - a.warmup} timed steps", title_justify="left")
-    for col in ("variant", "tokens/s (wall)", "tokens/CPU-s", f"× {sft['variant']}", mem, f"× {sft['variant']} mem"):
-        t.add_column(col, justify="left" if col == "variant" else "right")
-    for r in results:
-        t.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_cpu_s']:,.0f}", f"{r[rate] / sft[rate]:.2f}", f"{r[mem]:,.0f}", f"{r[mem] / sft[mem]:.2f}")
-    kd = by["proxy-kd"]
-    checks = {f"throughput_vs_{v}": kd[rate] / by[v][rate] for v in ("hf-sft", "trl-sft", "kd-alpha0", "online-kd") if v in by}
-    checks |= {f"memory_vs_{v}": kd[mem] / by[v][mem] for v in ("hf-sft", "trl-sft", "kd-alpha0") if v in by}
-    checks["integrity_share"] = kd["integrity_s"] / kd["train_s"]
-    t.caption = f"proxy-kd ratios by {rate}: " + ", ".join(f"{k} {v:.2f}" for k, v in checks.items() if k != "integrity_share")
-    t.caption += f"; integrity check {kd['integrity_s'] * 1e3:.1f} ms = {100 * checks['integrity_share']:.2f}% of {kd['train_s']:.1f} s training (target ≤ 3%)"
-    Console(width=140).print(t)
-    return checks
+    for vocab, results in runs.items():
+        sft = next(r for r in results if r["variant"] == "hf-sft")
+        t = Table(title=f"train-student, {a.device}: V={vocab:,}, seq {a.seq}, batch {a.batch}, hidden {a.hidden}, {a.steps - a.warmup} timed steps", title_justify="left")
+        for col in ("variant", "tokens/s (wall)", "tokens/CPU-s", "× hf-sft (CPU)", "× hf-sft (wall)", mem, "× hf-sft mem"):
+            t.add_column(col, justify="left" if col == "variant" else "right")
+        for r in results:
+            t.add_row(r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_cpu_s']:,.0f}", f"{r[rate] / sft[rate]:.2f}", f"{r['tokens_per_s'] / sft['tokens_per_s']:.2f}", f"{r[mem]:,.0f}", f"{r[mem] / sft[mem]:.2f}")
+        console.print(t)
+    t = Table(title="issue 14 targets for proxy-kd (ratios by " + rate + ")", title_justify="left")
+    for col in ("V", "target", "value", "bound", "verdict"):
+        t.add_column(col)
+    for v in verdict_rows:
+        t.add_row(f"{v['vocab']:,}", v["target"], f"{v['value']:.2f}", v["bound"], v["verdict"])
+    console.print(t)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", default="151936,32768", help="comma-separated vocabulary sizes, each a separate set of runs")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per variant (1: CPU time is not inflated by idle-spinning workers)")
-    p.add_argument("--rounds", type=int, default=2, help="run all variants this many times, interleaved; keep each one's best")
+    p.add_argument("--rounds", type=int, default=1, help="run all variants this many times, interleaved; keep each one's best")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="bench/results/train_student.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     a = p.parse_args()
+    vocabs = [int(v) for v in a.vocab.split(",")]
     if a.child:
+        a.vocab = vocabs[0]
         print("RESULT " + json.dumps(run_variant(a.child, Path(a.work), a)), flush=True)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        build(work, a)
-        best: dict[str, dict] = {}
-        variants = [v for v in a.variants.split(",") if v != "trl-sft" or _has("trl")]
-        for variant in [v for _ in range(a.rounds) for v in variants]:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant, "--work", str(work)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(line[7:])
-            print(f"{variant}: {r['tokens_per_s']:,.0f} tokens/s, {r['tokens_per_cpu_s']:,.0f} tokens/CPU-s", flush=True)
-            old = best.setdefault(variant, r)
-            for key in ("tokens_per_s", "tokens_per_cpu_s"):
-                old[key] = max(old[key], r[key])
-        results = [best[v] for v in variants]
-    checks = table(results, a)
+    variants = [v for v in a.variants.split(",") if v != "trl-sft" or _has("trl")]
+    runs: dict[int, list[dict]] = {}
+    for vocab in vocabs:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            a.vocab = vocab
+            build(work, a)
+            best: dict[str, dict] = {}
+            for variant in [v for _ in range(a.rounds) for v in variants]:
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant, "--work", str(work), "--vocab", str(vocab)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(line[7:])
+                print(f"V={vocab}: {variant}: {r['tokens_per_s']:,.0f} tokens/s, {r['tokens_per_cpu_s']:,.0f} tokens/CPU-s, {r['peak_rss_mb']:,.0f} MB", flush=True)
+                old = best.setdefault(variant, r)
+                for key in ("tokens_per_s", "tokens_per_cpu_s"):
+                    old[key] = max(old[key], r[key])
+            runs[vocab] = [best[v] for v in variants]
+    a.vocab = ",".join(map(str, vocabs))
+    checks = {v: ratios(results, a.device == "cuda") for v, results in runs.items()}
+    verdict_rows = verdicts(checks)
+    print_tables(runs, checks, verdict_rows, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("child", "work")}, "results": results, "checks": checks}, indent=2) + "\n")
+    record = {"args": {k: v for k, v in vars(a).items() if k not in ("child", "work")}, "results": {str(v): r for v, r in runs.items()}, "checks": {str(v): c for v, c in checks.items()}, "targets": verdict_rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -64,3 +64,12 @@ def test_tensor_parallel_ranks_are_not_counted_as_data_parallel(tiny_family, sco
     monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 4))
     monkeypatch.setattr(trainer, "get_tp_size", lambda: 2)
     assert trainer.compute_loss(trainer.model, batch, num_items_in_batch=items).item() == pytest.approx(2 * one, rel=1e-6)
+
+
+def test_logit_transforms_in_the_config_are_not_fused(tiny_family, scored_cache, tmp_path):
+    trainer = make_trainer(tiny_family, scored_cache, tmp_path, fused=True, steps=1)
+    weight, _ = trainer._output_weight(trainer.model)
+    assert weight is trainer.model.lm_head.weight
+    trainer.model.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits = 30·tanh(h·Wᵀ/30)
+    weight, why = trainer._output_weight(trainer.model)
+    assert weight is None and "final_logit_softcapping" in why

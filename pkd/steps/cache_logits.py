@@ -9,7 +9,9 @@ Order and resumption: samples are taken in teacher-folder order, filtered to the
 worker's part, and scored in chunks of `shard_rows` samples, one shard each. A rerun skips the
 committed samples; committed shards are a prefix of that order, so the remaining chunks are the
 ones an uninterrupted run would score, and after `kill -9` the cache ends up byte for byte the
-same. Parts (`--part I/N`): a sample belongs to part hash(sample_id) mod N, so N workers split
+same. The vLLM engine scores a merged proxy: the adapter is merged into the base once, into
+`<out>-work/merged-<fingerprint>` beside a local output (reused by reruns), because vLLM's LoRA
+path is several times slower than the plain model and the logits are the same. Parts (`--part I/N`): a sample belongs to part hash(sample_id) mod N, so N workers split
 D_s without talking to each other; each writes its own folder (shards data/part-I-*), and
 `pkd cache merge` joins them and recomputes μ/γ over the whole.
 """
@@ -250,6 +252,20 @@ def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
 # the step -------------------------------------------------------------------------------------
 
 
+def scoring_model(proxy: Proxy, engine: str, out: str) -> tuple[str, Path, Path | None]:
+    """(engine kind, model folder, adapter folder or None) to score with: for vLLM, the base with
+    the adapter merged in (see the module doc); for transformers, base + adapter as given."""
+    from pkd.engines import vllm_unusable_reason
+
+    kind = engine if engine != "auto" else ("hf" if vllm_unusable_reason() else "vllm")
+    if kind != "vllm" or proxy.adapter_dir is None:
+        return kind, proxy.model_dir, proxy.adapter_dir
+    from pkd.engines.merge import merged_model
+
+    work = Path(out.removeprefix("file://") + "-work") if "://" not in out.removeprefix("file://") else Path.home() / ".cache" / "pkd"
+    return kind, merged_model(proxy.model_dir, proxy.adapter_dir, work / f"merged-{proxy.fingerprint[:22]}", proxy.inputs), None
+
+
 def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool = True) -> Summary:
     """Score every sample of the split (this part's share) not yet in the output folder."""
     from pkd.engines import load_engine
@@ -295,7 +311,8 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
     )
     if cfg.student:
         check_student(header, cfg.student, proxy)
-    folder = Folder(cfg.out or default_out(run, index, parts))
+    out = cfg.out or default_out(run, index, parts)
+    folder = Folder(out)
     existing = open_existing(folder, header)
     if existing is not None and existing.complete:
         counts = {k: v for k, v in existing.counts.items() if k not in ("rows", "tokens")}
@@ -308,9 +325,11 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
     del samples
     summary = Summary(folder.uri, writer.manifest, dict(counts))
     if todo:
+        # sampled caches draw from exact logits: transformers only (vLLM is refused at validation)
+        kind, model_dir, adapter_dir = scoring_model(proxy, "hf" if cfg.mode == "sampled" else cfg.engine, out)
         with (
             load_engine(
-                "hf" if cfg.mode == "sampled" else cfg.engine, proxy.model_dir, adapter_dir=proxy.adapter_dir, dtype=cfg.dtype, max_logprobs=cfg.max_logprobs,
+                kind, model_dir, adapter_dir=adapter_dir, dtype=cfg.dtype, max_logprobs=cfg.max_logprobs,
                 max_model_len=min(cfg.max_length + 1, context or cfg.max_length + 1), seed=run.seed,
                 gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
                 batch_tokens=cfg.batch_tokens,

@@ -26,8 +26,8 @@ import torch
 
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk = this // V: ~64 MiB per float32 (n, V) temporary
 
-# (z (n, V) compute dtype, the chunk's own copy: may be overwritten; r (n,) flat row indices)
-#   -> nll (n,), kl (n,), loss (n,) the rows' contribution, ∂loss/∂z (n, V) or None (no grad)
+# (z (n, V) compute dtype, the chunk's own copy: may be overwritten; r (n,) flat row indices;
+#  need_grad) -> nll (n,), kl (n,), loss (n,) the rows' contribution, ∂loss/∂z (n, V) or None
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 

@@ -68,51 +68,60 @@ def _topk_rows(
     tau: float,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """nll (n,), kl (n,) and ∂(nll + c_kl·kl)/∂z (n, V) for one chunk of rows (see module doc)."""
-    lse = torch.logsumexp(z, dim=-1)  # (n,)
-    nll = lse - z.gather(1, y[:, None]).squeeze(1)  # (n,)
-    if not alpha:
-        kl = torch.zeros_like(nll)
-        if not need_grad:
-            return nll, kl, None
-        grad = z.sub_(lse[:, None]).exp_()  # (n, V) q, in place
-        return nll, kl, grad.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])
-    k = ids.shape[1]
-    lp = lp.to(z.dtype)
-    zs = z.gather(1, ids)  # (n, k)
-    if tail == "tail":
-        z.scatter_(1, ids, float("-inf"))  # non-top-k logits only, in place (restored below)
-        lse_rest = torch.logsumexp(z, dim=-1)  # (n,) exact; −inf when k = V: no rest ids at all
-        has_rest = torch.isfinite(lse_rest)  # (n,)
-        # the proxy's mass off the top-k; none when the top-k is the whole vocabulary (float
-        # rounding of Σ p would otherwise leave mass in a bucket the student cannot fill)
-        p_rest = torch.where(has_rest, 1.0 - lp.exp().sum(-1), 0.0).clamp_min(0.0)  # (n,)
-        a = torch.cat([lp, p_rest.log()[:, None]], dim=1)  # (n, k+1)
-        b = torch.cat([zs, lse_rest[:, None]], dim=1) - lse[:, None]  # (n, k+1)
-        log_q = torch.log_softmax(b / tau, dim=-1)  # (n, k+1) student buckets
-    else:  # renorm: the student's full-vocabulary log-probs (tempered) at the proxy's ids
-        lse_t = lse if tau == 1.0 else torch.logsumexp(z / tau, dim=-1)  # (n,)
-        a, log_q = lp, zs / tau - lse_t[:, None]  # (n, k): Σ exp(log_q) ≤ 1, never renormalised
-    log_p = torch.log_softmax(a / tau, dim=-1)  # (n, K) proxy buckets (renorm: its top-k renormalised)
-    p = log_p.exp()
-    kl = tau * tau * torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (n,)
+    """nll (n,), kl (n,) and ∂(nll + c_kl·kl)/∂z (n, V) for one chunk of rows (see module doc).
+
+    Four passes over the (n, V) chunk whatever the loss (max, exp in place, sum, scale in place),
+    the rest is (n, k) work: with a rest bucket the top-k ids are masked first, so the max, the
+    exponentials and their sum are the rest's own (its log-mass is exact, not 1 − Σ top-k), and
+    the top-k entries are filled in afterwards."""
+    zy = z.gather(1, y[:, None]).squeeze(1)  # (n,)
+    zs = z.gather(1, ids) if alpha else None  # (n, k)
+    rest_bucket = bool(alpha) and tail == "tail"
+    if rest_bucket:
+        z.scatter_(1, ids, float("-inf"))  # the rest ids only
+    m = z.amax(dim=-1)  # (n,) max over the rest (tail) or all ids; −inf: no rest ids (k = V)
+    has = torch.isfinite(m)
+    m = torch.where(has, m, 0.0)
+    e = z.sub_(m[:, None]).exp_()  # (n, V) in place; 0 on the masked top-k
+    s = e.sum(dim=-1)  # (n,) ≥ 1 where `has`
+    lse_e = torch.where(has, m + s.log(), float("-inf"))  # (n,) logsumexp of what e covers
+    lse = torch.logaddexp(lse_e, torch.logsumexp(zs, dim=-1)) if rest_bucket else lse_e  # (n,)
+    nll = lse - zy
+    kl = torch.zeros_like(nll)
+    if alpha:
+        lp = lp.to(z.dtype)
+        if rest_bucket:
+            # the proxy's mass off the top-k; none when the top-k is the whole vocabulary (float
+            # rounding of Σ p would otherwise leave mass in a bucket the student cannot fill)
+            p_rest = torch.where(has, 1.0 - lp.exp().sum(-1), 0.0).clamp_min(0.0)  # (n,)
+            a = torch.cat([lp, p_rest.log()[:, None]], dim=1)  # (n, k+1)
+            b = torch.cat([zs, lse_e[:, None]], dim=1) - lse[:, None]  # (n, k+1) student buckets
+            log_q = torch.log_softmax(b / tau, dim=-1)
+        else:  # renorm: the student's full-vocabulary log-probs (tempered) at the proxy's ids
+            e_t = e if tau == 1.0 else e.pow(1.0 / tau)  # (n, V) ∝ softmax(z/τ)
+            lse_t = lse if tau == 1.0 else m / tau + e_t.sum(-1).log()  # (n,)
+            a, log_q = lp, zs / tau - lse_t[:, None]  # (n, k): Σ exp(log_q) ≤ 1, never renormalised
+        log_p = torch.log_softmax(a / tau, dim=-1)  # (n, K) proxy buckets (renorm: its top-k renormalised)
+        p = log_p.exp()
+        kl = tau * tau * torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (n,)
     if not need_grad:
         return nll, kl, None
+    to_q = torch.exp(m - lse)[:, None]  # (n, 1) q = e · to_q
     c = c_kl[:, None] * tau  # (n, 1)
-    if tail == "tail":
+    if not alpha:
+        grad = e.mul_(to_q)  # q
+    elif rest_bucket:
         g = c * (log_q.exp() - p)  # (n, k+1) ∂(c_kl·kl)/∂b
-        # g_rest · q_j / q_rest on non-top-k ids, 0 on the top-k (z holds −inf there); rows
-        # without rest ids have g_rest = 0
-        grad = torch.sub(z, torch.where(has_rest, lse_rest, 0.0)[:, None]).exp_().mul_(g[:, k:])  # (n, V)
-        z.scatter_(1, ids, zs)
-        grad.add_(z.sub_(lse[:, None]).exp_().mul_(1.0 - g.sum(-1, keepdim=True)))  # + q·(1 − Σg)
-        grad.scatter_add_(1, ids, g[:, :k])
+        k = ids.shape[1]
+        coef = 1.0 - g.sum(-1, keepdim=True)  # (n, 1)
+        # off the top-k: q_j (1 − Σg) + g_rest q_j / q_rest, with q_j / q_rest = e_j / s
+        grad = e.mul_(coef * to_q + torch.where(has, g[:, k] / s, 0.0)[:, None])  # (n, V), 0 on the top-k
+        grad.scatter_add_(1, ids, (zs - lse[:, None]).exp() * coef + g[:, :k])  # the top-k ids
     elif tau == 1.0:  # renorm: ∂(c_kl·kl)/∂z = c·(q − P on the top-k)
-        grad = z.sub_(lse[:, None]).exp_().mul_(1.0 + c)  # (n, V), in place
+        grad = e.mul_(to_q * (1.0 + c))
         grad.scatter_add_(1, ids, -c * p)
-    else:  # renorm, tempered: c·(softmax(z/τ) − P on the top-k)
-        grad = torch.div(z, tau).sub_(lse_t[:, None]).exp_().mul_(c)  # (n, V)
-        grad.add_(z.sub_(lse[:, None]).exp_())  # + q
+    else:  # renorm, tempered: q + c·(softmax(z/τ) − P on the top-k)
+        grad = e.mul_(to_q).add_(e_t.mul_(c * torch.exp(m / tau - lse_t)[:, None]))
         grad.scatter_add_(1, ids, -c * p)
     return nll, kl, grad.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])
 

@@ -49,7 +49,9 @@ class KDSettings:
     fused: bool = True  # fuse the output layer with the loss where the model allows it
 
 log = logging.getLogger(__name__)
-HEAD_CHECK_RTOL = 1e-3  # |hidden · Wᵀ − logits| at the last position, relative to max |logits|
+HEAD_CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}  # |hidden·Wᵀ − logits| / max |logits|; 3e-2 for 16-bit logits
+# config fields of families whose logits are not hidden · Wᵀ (Gemma 2/3, Cohere, Granite)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def data_parallel_scale(num_processes: int, tp_size: int, n_gpu: int) -> int:
@@ -93,6 +95,9 @@ class ProxyKDTrainer(Trainer):
             return None, "FSDP shards the output layer's weight outside its forward"
         if type(head) is not torch.nn.Linear or head.bias is not None:
             return None, f"the output layer is a {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}, not a bias-free nn.Linear (LoRA on lm_head?)"
+        transform = next((f for f in LOGIT_TRANSFORMS if getattr(base.config, f, None) not in (None, 1, 1.0)), None)
+        if transform:
+            return None, f"the model's config sets {transform}: its logits are not hidden · Wᵀ"
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return None, f"{type(base).__name__}.forward takes no logits_to_keep"
         return head.weight, ""
@@ -131,7 +136,7 @@ class ProxyKDTrainer(Trainer):
                 mine = hidden[:, -1].float() @ weight.float().T  # (B, V)
                 theirs = outputs.logits[:, -1].float()  # (B, V)
                 err = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
-            if not err <= HEAD_CHECK_RTOL:
+            if not err <= HEAD_CHECK_RTOL.get(outputs.logits.dtype, 3e-2):
                 log.warning("Proxy-KD loss: not fused with the output layer (the model's logits differ from hidden · Wᵀ by %.2g relative); the (B, L, V) logits are built", err)
                 self._fused = False
                 return self._student_loss(model, inputs, scale)

@@ -143,3 +143,40 @@ def test_student_trained_from_a_sampled_cache_approaches_the_distribution() -> N
     kl = (p * (np.log(p) - np.log(q))).sum(-1)  # (C,)
     kl_uniform = (p * (np.log(p) + np.log(vocab))).sum(-1)
     assert (kl < 0.05).all() and (kl < kl_uniform / 10).all(), (kl, kl_uniform)
+
+
+@pytest.mark.parametrize(("temperature", "proposal_temperature"), [(1.0, 1.0), (2.0, 2.0), (1.0, 1.5)])
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_fused_sampled_loss_equals_the_loss_on_the_logits(temperature, proposal_temperature, chunk_rows):
+    """The RS-KD loss from hidden states and W (no (B, L, V) logits) against the same loss on the
+    logits it would have built: values and the gradients of both, fp32, 1e-5 relative."""
+    from pkd.student.losses import IGNORE_INDEX
+    from pkd.student.sampled_loss import fused_sampled_kd_loss, sampled_kd_loss
+
+    g = torch.Generator().manual_seed(3)
+    B, L, d, V, N = 3, 9, 16, 300, 12
+    hidden = torch.randn(B, L, d, generator=g)
+    weight = torch.randn(V, d, generator=g) / d**0.5
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, :3] = IGNORE_INDEX
+    proxy = torch.log_softmax(torch.randn(B * L, V, generator=g) * 2, -1)  # (B·L, V)
+    draws = torch.multinomial(proxy.exp(), N, replacement=True, generator=g)  # (B·L, N)
+    ids, counts = torch.zeros_like(draws), torch.zeros_like(draws)
+    for r in range(B * L):  # distinct ids first, their counts, zero-count padding after
+        u, c = draws[r].unique(return_counts=True)
+        ids[r, : len(u)], counts[r, : len(u)] = u, c
+    lps = proxy.gather(1, ids)
+    ids, lps, counts = (x.reshape(B, L, N) for x in (ids, lps, counts))
+    w = torch.rand(B, generator=g)
+    kw = dict(alpha=0.7, temperature=temperature, proposal_temperature=proposal_temperature, scale=1 / 20, chunk_rows=chunk_rows)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    fused = fused_sampled_kd_loss(h1, w1, labels, ids, lps, counts, w, **kw)
+    fused.loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref = sampled_kd_loss(h2 @ w2.T, labels, ids, lps, counts, w, **kw)
+    ref.loss.backward()
+    for a, b in ((fused.loss, ref.loss), (fused.nll, ref.nll), (fused.kl, ref.kl)):
+        assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-7)
+    assert float(ref.kl) > 0
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-7)

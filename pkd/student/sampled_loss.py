@@ -15,17 +15,17 @@ unbiased: E[Σ_j (c_j/N) e_{x_j}] = p, so E[∂kl/∂z] = q − p = ∂KL(p ‖ 
 self-normalisation makes them consistent (bias O(1/N)). log p̂_T = log p/T − log Ẑ_T with
 Ẑ_T estimated from the same draws (it only shifts the reported KL, not the gradient).
 
-`rs_kd_chunk` is the per-chunk function (rows of student logits in, KL and its gradient out) so
-a fused output-layer path can call it on its own row chunks; `sampled_kd_loss` wraps it with the
-NLL, the α·w weighting and row chunking like `proxy_kd_loss`, writing the closed-form gradient
-into one buffer of the logits' dtype during the forward.
+`rs_kd_chunk` is the per-chunk divergence (rows of student logits in, KL and its gradient out);
+`sampled_kd_rows` adds the NLL and the α·w weighting as a `ChunkLoss`, which the two drivers of
+`pkd.student.chunked` run like the top-k loss: `sampled_kd_loss` on the model's logits,
+`fused_sampled_kd_loss` from the hidden states without ever building them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pkd.student.chunked import CHUNK_ELEMENTS
+from pkd.student.chunked import ChunkLoss, chunked_logits_loss, fused_head_loss
 from pkd.student.losses import IGNORE_INDEX, KDLoss
 
 
@@ -73,61 +73,52 @@ def rs_kd_chunk(
     return kl, grad
 
 
-class _ChunkedRSKD(torch.autograd.Function):
-    """Forward computes NLL + α·w·kl and its gradient chunk by chunk; backward hands it back."""
-
-    @staticmethod
-    def forward(ctx, logits, shift_labels, ids, logprobs, counts, weights, alpha, tau, proposal_tau, scale, chunk_rows):  # type: ignore[override]
-        B, L, V = logits.shape
-        flat = logits.reshape(B * L, V)  # (B·L, V) view
-        rows = (shift_labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (M,) response rows
-        cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        need_grad = ctx.needs_input_grad[0]
-        grad_flat = torch.zeros_like(flat) if need_grad else None
-        y_all = shift_labels.reshape(-1)
-        ids_all, lp_all, c_all = ids.reshape(B * L, -1), logprobs.reshape(B * L, -1), counts.reshape(B * L, -1)
-        coef_all = alpha * weights.to(cdtype)[torch.arange(B * L, device=logits.device) // L]  # (B·L,)
-        sums = torch.zeros(3, dtype=cdtype, device=logits.device)  # Σ nll, Σ kl, Σ coef·kl
-        step = chunk_rows or max(1, CHUNK_ELEMENTS // V)
-        with torch.autocast(logits.device.type, enabled=False):
-            for start in range(0, rows.numel(), step):
-                r = rows[start : start + step]  # (n,)
-                z = flat.index_select(0, r).to(cdtype)  # (n, V)
-                y = y_all[r]
-                lse = torch.logsumexp(z, dim=-1)  # (n,)
-                nll = lse - z.gather(1, y[:, None]).squeeze(1)  # (n,)
-                kl, grad = torch.zeros_like(nll), None
-                if alpha:
-                    kl, grad = rs_kd_chunk(z, ids_all[r].long(), lp_all[r], c_all[r], coef_all[r], temperature=tau, proposal_temperature=proposal_tau, need_grad=need_grad)
-                sums += torch.stack([nll.sum(), kl.sum(), (coef_all[r] * kl).sum()])
-                if need_grad:
-                    g_nll = torch.sub(z, lse[:, None]).exp_()  # (n, V) softmax(z) − e_y
-                    g_nll.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])
-                    if grad is not None:
-                        g_nll.add_(grad)
-                    grad_flat.index_copy_(0, r, g_nll.mul_(scale).to(flat.dtype))
-        ctx.save_for_backward(grad_flat if need_grad else None)
-        ctx.logits_shape = logits.shape
-        tokens = torch.tensor(rows.numel(), device=logits.device)
-        nll_sum, kl_sum = sums[0].clone(), sums[1].clone()
-        ctx.mark_non_differentiable(nll_sum, kl_sum, tokens)
-        return scale * (sums[0] + sums[2]), nll_sum, kl_sum, tokens
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        (grad_flat,) = ctx.saved_tensors  # (B·L, V), already scaled
-        grad = grad_flat if bool(grad_loss == 1) else grad_flat * grad_loss.to(grad_flat.dtype)
-        return (grad.view(ctx.logits_shape),) + (None,) * 10
-
-
-def sampled_kd_loss(
-    logits: torch.Tensor,  # (B, L, V) any float dtype
+def sampled_kd_rows(
     shift_labels: torch.Tensor,  # (B, L) target of each position, IGNORE_INDEX outside responses
     ids: torch.Tensor,  # (B, L, N) drawn ids aligned to positions
     logprobs: torch.Tensor,  # (B, L, N) proxy log p of each
     counts: torch.Tensor,  # (B, L, N) draws of each, 0 = padding
     weights: torch.Tensor,  # (B,) per-sample weight w
+    *,
+    alpha: float,
+    temperature: float,
+    proposal_temperature: float,
+) -> tuple[torch.Tensor, ChunkLoss]:
+    """The response rows (M,) of the flattened batch and the RS-KD `ChunkLoss` over them (NLL of
+    the teacher token + α·w·kl), for either driver of `pkd.student.chunked`."""
+    if temperature <= 0 or proposal_temperature <= 0:
+        raise ValueError(f"temperatures must be > 0, got {temperature} and {proposal_temperature}")
+    B, L = shift_labels.shape
+    y_all = shift_labels.reshape(-1)  # (B·L,)
+    rows = (y_all != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
+    ids_all, lp_all, c_all = ids.reshape(B * L, -1), logprobs.reshape(B * L, -1), counts.reshape(B * L, -1)
+    coef_all = alpha * weights.double()[torch.arange(B * L, device=shift_labels.device) // L]  # (B·L,) α·w
+
+    def chunk_loss(z: torch.Tensor, r: torch.Tensor, need_grad: bool):
+        y, coef = y_all[r], coef_all[r].to(z.dtype)  # (n,)
+        kl, g_kl = torch.zeros(len(r), dtype=z.dtype, device=z.device), None
+        if alpha:
+            kl, g_kl = rs_kd_chunk(z, ids_all[r].long(), lp_all[r], c_all[r], coef, temperature=temperature, proposal_temperature=proposal_temperature, need_grad=need_grad)
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        nll = lse - z.gather(1, y[:, None]).squeeze(1)  # (n,)
+        if not need_grad:
+            return nll, kl, nll + coef * kl, None
+        grad = z.sub_(lse[:, None]).exp_()  # (n, V) softmax(z), in place: z is the chunk's own copy
+        grad.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])  # − e_y
+        if g_kl is not None:
+            grad.add_(g_kl)
+        return nll, kl, nll + coef * kl, grad
+
+    return rows, chunk_loss
+
+
+def sampled_kd_loss(
+    logits: torch.Tensor,  # (B, L, V) any float dtype
+    shift_labels: torch.Tensor,  # (B, L)
+    ids: torch.Tensor,  # (B, L, N)
+    logprobs: torch.Tensor,  # (B, L, N)
+    counts: torch.Tensor,  # (B, L, N)
+    weights: torch.Tensor,  # (B,)
     *,
     alpha: float = 1.0,
     temperature: float = 1.0,
@@ -136,8 +127,27 @@ def sampled_kd_loss(
     chunk_rows: int | None = None,
 ) -> KDLoss:
     """Σ over response positions of NLL(teacher token) + α·w·T²·KL̂(proxy ‖ student) from the
-    sampled cache, times `scale` (pass the normaliser here, as for `proxy_kd_loss`)."""
-    if temperature <= 0 or proposal_temperature <= 0:
-        raise ValueError(f"temperatures must be > 0, got {temperature} and {proposal_temperature}")
-    loss, nll, kl, tokens = _ChunkedRSKD.apply(logits, shift_labels, ids, logprobs, counts, weights, float(alpha), float(temperature), float(proposal_temperature), float(scale), chunk_rows)
-    return KDLoss(loss=loss, nll=nll, kl=kl, tokens=tokens)
+    sampled cache, times `scale` (pass the normaliser here, as for `proxy_kd_loss`), from the
+    student's logits. The reference for `fused_sampled_kd_loss`."""
+    rows, chunk_loss = sampled_kd_rows(shift_labels, ids, logprobs, counts, weights, alpha=float(alpha), temperature=float(temperature), proposal_temperature=float(proposal_temperature))
+    return KDLoss(*chunked_logits_loss(logits, rows, chunk_loss, scale=scale, chunk_rows=chunk_rows))
+
+
+def fused_sampled_kd_loss(
+    hidden: torch.Tensor,  # (B, L, d) the student's last hidden states
+    weight: torch.Tensor,  # (V, d) its output-embedding weight
+    shift_labels: torch.Tensor,  # (B, L)
+    ids: torch.Tensor,  # (B, L, N)
+    logprobs: torch.Tensor,  # (B, L, N)
+    counts: torch.Tensor,  # (B, L, N)
+    weights: torch.Tensor,  # (B,)
+    *,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    proposal_temperature: float = 1.0,
+    scale: float = 1.0,
+    chunk_rows: int | None = None,
+) -> KDLoss:
+    """`sampled_kd_loss` of the logits hidden · weightᵀ without building them (pkd.student.chunked)."""
+    rows, chunk_loss = sampled_kd_rows(shift_labels, ids, logprobs, counts, weights, alpha=float(alpha), temperature=float(temperature), proposal_temperature=float(proposal_temperature))
+    return KDLoss(*fused_head_loss(hidden, weight, rows, chunk_loss, scale=scale, chunk_rows=chunk_rows))

@@ -16,7 +16,7 @@ Overridden hooks and why:
   global token mean; `loss_is_scaled_for_ga` tells Trainer not to divide again. DDP averages
   gradients over the data-parallel ranks, so the loss is multiplied back by their number:
   processes // tp_size, as Trainer's own `compute_loss` does (tensor-parallel ranks share a batch).
-  A sampled cache's batches (they carry `topk_counts`) take the RS-KD estimator on the logits.
+  A sampled cache's batches (they carry `topk_counts`) take the RS-KD estimator, fused the same way.
 - `log`: adds CE, KL and weight statistics to the training loss (so they reach every tracker
   `report_to` names), and logs the true epoch: samples consumed / cache rows (Trainer cannot
   know an IterableDataset's length and would log a fraction of max_steps instead).
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from pkd.student.losses import Tail, fused_proxy_kd_loss, proxy_kd_loss
-from pkd.student.sampled_loss import sampled_kd_loss
+from pkd.student.sampled_loss import fused_sampled_kd_loss, sampled_kd_loss
 from pkd.student.data import CacheStream
 
 
@@ -102,32 +102,29 @@ class ProxyKDTrainer(Trainer):
             return None, f"{type(base).__name__}.forward takes no logits_to_keep"
         return head.weight, ""
 
+    def _losses(self, inputs, scale: float):  # noqa: ANN001
+        """(loss from the logits, fused loss from hidden states and W) for this batch: the RS-KD
+        estimator for a sampled cache (its batches carry `topk_counts`; tail does not apply),
+        else the top-k Proxy-KD loss."""
+        head = (inputs["shift_labels"], inputs["topk_ids"], inputs["topk_logprobs"])
+        if "topk_counts" in inputs:
+            batch = (*head, inputs["topk_counts"], inputs["weights"])
+            kd = dict(alpha=self.kd.alpha, temperature=self.kd.temperature, proposal_temperature=self.kd.proposal_temperature, scale=scale)
+            return (lambda logits: sampled_kd_loss(logits, *batch, **kd)), (lambda h, w: fused_sampled_kd_loss(h, w, *batch, **kd))
+        batch = (*head, inputs["weights"])
+        kd = dict(alpha=self.kd.alpha, tail=self.kd.tail, temperature=self.kd.temperature, scale=scale)
+        return (lambda logits: proxy_kd_loss(logits, *batch, **kd)), (lambda h, w: fused_proxy_kd_loss(h, w, *batch, **kd))
+
     def _student_loss(self, model, inputs, scale: float):  # noqa: ANN001
         """(KDLoss, model outputs), fused with the output layer when possible."""
-        if "topk_counts" in inputs:  # a sampled cache: the RS-KD estimator (tail does not apply), on the logits
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            loss = sampled_kd_loss(
-                outputs.logits,
-                inputs["shift_labels"],
-                inputs["topk_ids"],
-                inputs["topk_logprobs"],
-                inputs["topk_counts"],
-                inputs["weights"],
-                alpha=self.kd.alpha,
-                temperature=self.kd.temperature,
-                proposal_temperature=self.kd.proposal_temperature,
-                scale=scale,
-            )
-            return loss, outputs
-        kd = dict(alpha=self.kd.alpha, tail=self.kd.tail, temperature=self.kd.temperature, scale=scale)
-        batch = (inputs["shift_labels"], inputs["topk_ids"], inputs["topk_logprobs"], inputs["weights"])
+        from_logits, fused = self._losses(inputs, scale)
         weight, why = self._output_weight(model) if self._fused is not False else (None, "")
         if weight is None:
             if self._fused is None:
                 log.warning("Proxy-KD loss: not fused with the output layer (%s); the (B, L, V) logits are built", why)
                 self._fused = False
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            return proxy_kd_loss(outputs.logits, *batch, **kd), outputs
+            return from_logits(outputs.logits), outputs
         # logits at the last position only: cheap, and they let the first batch check the fusion
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, logits_to_keep=1, output_hidden_states=True)
         hidden = outputs.hidden_states[-1]  # (B, L, d) the output layer's input
@@ -141,7 +138,7 @@ class ProxyKDTrainer(Trainer):
                 self._fused = False
                 return self._student_loss(model, inputs, scale)
             self._fused = True
-        return fused_proxy_kd_loss(hidden, weight, *batch, **kd), outputs
+        return fused(hidden, weight), outputs
 
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -225,7 +225,7 @@ def cache_logits(
     sampled: Annotated[int | None, typer.Option("--sampled", help="Instead of the top-k: N draws per position from the proxy's full distribution (RS-KD; transformers engine).")] = None,
     proposal_temperature: Annotated[float | None, typer.Option(help="--sampled: temperature of the distribution drawn from (≠ 1: the loss importance-weights the draws).")] = None,
     max_logprobs: Annotated[int | None, typer.Option(help="Largest k the engine accepts (vLLM's max_logprobs, default 20).")] = None,
-    engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where it scores faster).")] = None,
     dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.")] = None,
     overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.")] = None,

@@ -233,3 +233,13 @@ def test_auto_falls_back_to_hf(tiny_family: TinyFamily, monkeypatch: pytest.Monk
     monkeypatch.setattr(pkd.engines, "vllm_unusable_reason", lambda: "not installed")
     with load_engine("auto", tiny_family.proxy) as engine:
         assert engine.kind == "hf" and engine.vocab_size == 512
+
+
+def test_auto_scores_with_the_faster_engine_for_the_hardware():
+    """On a CPU, transformers outscores vLLM (bench/cache_logits.py): `auto` takes it; vLLM only
+    where it runs on an accelerator."""
+    from vllm.platforms import current_platform
+
+    from pkd.engines import scoring_engine
+
+    assert scoring_engine() == ("hf" if current_platform.is_cpu() or vllm_unusable_reason() else "vllm")

@@ -255,9 +255,9 @@ def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
 def scoring_model(proxy: Proxy, engine: str, out: str) -> tuple[str, Path, Path | None]:
     """(engine kind, model folder, adapter folder or None) to score with: for vLLM, the base with
     the adapter merged in (see the module doc); for transformers, base + adapter as given."""
-    from pkd.engines import vllm_unusable_reason
+    from pkd.engines import scoring_engine
 
-    kind = engine if engine != "auto" else ("hf" if vllm_unusable_reason() else "vllm")
+    kind = engine if engine != "auto" else scoring_engine()
     if kind != "vllm" or proxy.adapter_dir is None:
         return kind, proxy.model_dir, proxy.adapter_dir
     from pkd.engines.merge import merged_model

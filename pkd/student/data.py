@@ -92,14 +92,13 @@ def check_student_compatible(manifest: LogitCacheManifest, tokenizer, model_voca
 def mean_weight(folder: Folder, manifest: LogitCacheManifest) -> float:
     """E[w] = mean of σ((ℓ − μ)/γ) over the whole cache: the weight `--uniform-weights` gives
     every sample, so that ablation changes only how w is spread and keeps α·E[w] (w = 1 would
-    double the KD strength). One streaming pass over the ℓ column; μ/γ from the manifest, or from
-    the same column when the manifest lacks them."""
-    stats = manifest.seq_logprob or seq_logprob_stats(iter_column(folder, manifest, "seq_logprob"))
-    total, count = 0.0, 0
-    for values in iter_column(folder, manifest, "seq_logprob"):
-        total += float(sample_weights(torch.tensor(values, dtype=torch.float64), stats.mu, stats.gamma).sum())
-        count += len(values)
-    return total / count if count else 0.5
+    double the KD strength). One read of the ℓ column (one float per sample); μ/γ from the
+    manifest, or from the same values when the manifest lacks them."""
+    values = np.concatenate([*iter_column(folder, manifest, "seq_logprob"), np.zeros(0)])  # (rows,)
+    if not len(values):
+        return 0.5
+    stats = manifest.seq_logprob or seq_logprob_stats([values])
+    return float(sample_weights(torch.from_numpy(values.astype(np.float64)), stats.mu, stats.gamma).mean())
 
 
 class CacheReader:

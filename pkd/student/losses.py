@@ -126,6 +126,21 @@ def _topk_rows(
     return nll, kl, grad.scatter_add_(1, y[:, None], torch.full_like(nll, -1.0)[:, None])
 
 
+def flatten_rows(
+    shift_labels: torch.Tensor,  # (B, L) target of each position, IGNORE_INDEX outside responses
+    weights: torch.Tensor,  # (B,) per-sample weight w
+    alpha: float,
+    *per_position: torch.Tensor,  # each (B, L, k) cached ids / logprobs / counts
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The batch as flat rows for a `ChunkLoss`: targets (N,), response rows (M,), α·w per row
+    (N,) and each per-position tensor as (N, k); N = B·L."""
+    B, L = shift_labels.shape
+    y_all = shift_labels.reshape(-1)  # (N,)
+    rows = (y_all != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
+    c_row = alpha * weights.double()[torch.arange(B * L, device=shift_labels.device) // L]  # (N,) α·w
+    return y_all, rows, c_row, [t.reshape(B * L, -1) for t in per_position]
+
+
 def topk_kd_rows(
     shift_labels: torch.Tensor,  # (B, L) target of each position, IGNORE_INDEX outside responses
     topk_ids: torch.Tensor,  # (B, L, k) proxy top-k ids aligned to positions
@@ -141,11 +156,7 @@ def topk_kd_rows(
         raise ValueError(f"tail must be 'tail' or 'renorm', got {tail!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    B, L = shift_labels.shape
-    y_all = shift_labels.reshape(-1)  # (N,)
-    rows = (y_all != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
-    ids_all, lp_all = topk_ids.reshape(B * L, -1), topk_logprobs.reshape(B * L, -1)  # (N, k)
-    c_row = alpha * weights.double()[torch.arange(B * L, device=shift_labels.device) // L]  # (N,) α·w
+    y_all, rows, c_row, (ids_all, lp_all) = flatten_rows(shift_labels, weights, alpha, topk_ids, topk_logprobs)
 
     def chunk_loss(z: torch.Tensor, r: torch.Tensor, need_grad: bool):
         c = c_row[r].to(z.dtype)  # (n,)

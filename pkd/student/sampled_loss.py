@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from pkd.student.chunked import ChunkLoss, chunked_logits_loss, fused_head_loss
-from pkd.student.losses import IGNORE_INDEX, KDLoss
+from pkd.student.losses import KDLoss, flatten_rows
 
 
 def draw_weights(
@@ -88,11 +88,7 @@ def sampled_kd_rows(
     the teacher token + α·w·kl), for either driver of `pkd.student.chunked`."""
     if temperature <= 0 or proposal_temperature <= 0:
         raise ValueError(f"temperatures must be > 0, got {temperature} and {proposal_temperature}")
-    B, L = shift_labels.shape
-    y_all = shift_labels.reshape(-1)  # (B·L,)
-    rows = (y_all != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
-    ids_all, lp_all, c_all = ids.reshape(B * L, -1), logprobs.reshape(B * L, -1), counts.reshape(B * L, -1)
-    coef_all = alpha * weights.double()[torch.arange(B * L, device=shift_labels.device) // L]  # (B·L,) α·w
+    y_all, rows, coef_all, (ids_all, lp_all, c_all) = flatten_rows(shift_labels, weights, alpha, ids, logprobs, counts)
 
     def chunk_loss(z: torch.Tensor, r: torch.Tensor, need_grad: bool):
         y, coef = y_all[r], coef_all[r].to(z.dtype)  # (n,)

@@ -82,7 +82,7 @@ def teacher_sample(
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Response length cap in tokens.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed sent with every request.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: each request carries one derived from it and the prompt id (independent draws across prompts, the same ones on a rerun).")] = None,
     top_logprobs: Annotated[int | None, typer.Option(help="Also store the teacher's top-K logprobs per token (K <= 20), where the API offers them.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Seconds before one request is abandoned (then retried).")] = None,

@@ -222,6 +222,31 @@ def test_concurrency_is_bounded_and_rows_are_complete(tmp_path: Path, api: FakeA
     assert all(folder.sha256(f.path) == f.sha256 for f in manifest(out).files)
 
 
+def test_each_prompt_gets_its_own_reproducible_seed(tmp_path: Path) -> None:
+    """One seed for every request would make a seeding server (vLLM) draw the same random numbers
+    for every prompt: the samples would be correlated across prompts."""
+    api = FakeAPI(lambda body, attempt: error(500, "busy") if attempt == 1 and last_user(body) == "q3" else None)
+    try:
+        assert sample(prompts_file(tmp_path), tmp_path / "a", api.url, "--seed", "7").exit_code == 0
+        seeds: dict[str, list[int]] = {}
+        for body in api.bodies:
+            seeds.setdefault(last_user(body), []).append(body["seed"])
+        assert len(seeds["q3"]) == 2 and len(set(seeds["q3"])) == 1  # a retry repeats its prompt's seed
+        assert len({s[0] for s in seeds.values()}) == 12 and all(0 <= s[0] < 2**31 for s in seeds.values())
+        first = {p: s[0] for p, s in seeds.items()}
+        api.bodies.clear()
+        assert sample(prompts_file(tmp_path), tmp_path / "b", api.url, "--seed", "7").exit_code == 0
+        assert {last_user(b): b["seed"] for b in api.bodies} == first  # the same draws on a rerun
+        # a folder sampled before seeds were derived per prompt does not resume under the new scheme
+        m = manifest(tmp_path / "a")
+        del m.config["seeds"]
+        Folder(str(tmp_path / "a")).write_manifest(m)
+        old = sample(prompts_file(tmp_path), tmp_path / "a", api.url, "--seed", "7")
+        assert old.exit_code == 2 and "seeds: None there, 'per prompt' now" in one_error_line(old)
+    finally:
+        api.close()
+
+
 # against the real vLLM teacher --------------------------------------------------------------------
 
 
@@ -240,6 +265,20 @@ def test_vllm_n_samples_with_logprobs(tmp_path: Path, vllm_teacher: Any) -> None
         assert r["teacher"] == vllm_teacher.model and r["usage"]["completion_tokens"] >= len(r["logprobs"])
     shards = [str(out / f.path) for f in manifest(out).files if f.path.endswith(".parquet")]
     assert len(shards) >= 3 and datasets.load_dataset("parquet", data_files=shards, split="train").num_rows == len(got)
+
+
+@pytest.mark.slow
+def test_vllm_seeded_samples_are_independent_across_prompts(tmp_path: Path, vllm_teacher: Any) -> None:
+    """Eight copies of one prompt under one run seed: a shared per-request seed would make vLLM
+    return the same text eight times; per-prompt seeds give independent draws, and a rerun the same."""
+    prompts = tmp_path / "same.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"c{i}", "prompt": "Say anything."}) + "\n" for i in range(8)))
+    texts = []
+    for out in ("a", "b"):
+        result = sample(prompts, tmp_path / out, vllm_teacher.base_url, "--model", vllm_teacher.model, "--seed", "0", "--max-tokens", "8", "--keep-truncated", "--temperature", "1")
+        assert result.exit_code == 0, result.output
+        texts.append({r["prompt_id"]: r["response"] for r in rows(tmp_path / out)})
+    assert texts[0] == texts[1] and len(set(texts[0].values())) > 4
 
 
 @pytest.mark.slow

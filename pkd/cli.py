@@ -167,6 +167,11 @@ def proxy_align(
     chunk_size: Annotated[int | None, typer.Option(help="D_p prompts per round (default: D_p / rounds).")] = None,
     beta: Annotated[float | None, typer.Option(help="DPO β.")] = None,
     engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto.")] = None,
+    sample_merged: Annotated[str | None, typer.Option(help=(
+        "vLLM + LoRA: sample each round from base + adapter merged into one model in the round's work folder (auto, always, never). "
+        "auto merges where vLLM runs on the CPU, where its LoRA path is the slow part; on a GPU it keeps the adapter, since a "
+        "big proxy's merge costs minutes and its size in disk every round."
+    ))] = None,
     temperature: Annotated[float | None, typer.Option(help="Proxy sampling temperature.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Proxy nucleus sampling mass.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Proxy response length cap in tokens.")] = None,
@@ -191,7 +196,7 @@ def proxy_align(
         model=model, teacher=teacher, out=out, student=student, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_target=lora_target, learning_rate=learning_rate, lr_scheduler=lr_scheduler,
         per_device_batch_size=batch_size, grad_accum=grad_accum, warmup_epochs=warmup_epochs, epochs=epochs, max_length=max_length,
-        rounds=rounds, chunk_size=chunk_size, beta=beta, engine=engine, temperature=temperature, top_p=top_p,
+        rounds=rounds, chunk_size=chunk_size, beta=beta, engine=engine, sample_merged=sample_merged, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
         precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
         report_to=report_to,

@@ -211,6 +211,7 @@ class ProxyAlignConfig(Section):
     chunk_size: int | None = Field(default=None, ge=1)  # prompts per round; default: D_p / rounds
     beta: float = Field(default=0.1, gt=0.0)
     engine: Literal["vllm", "hf", "auto"] = "auto"  # proxy self-sampling
+    sample_merged: Literal["auto", "always", "never"] = "auto"  # vLLM + LoRA: sample from base + adapter merged; auto: on CPU only
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=256, ge=1)

@@ -97,7 +97,7 @@ def test_proxy_align_report_fits_80_columns():
 
     stage = {"nll_per_token": 1.23456, "top1_agreement": 0.654, "tokens": 12345, "samples": 64}
     rounds = [
-        {"stage": f"round-{k:02d}"} | stage | {"pairs": 1000, "dropped_pairs": 12, "reward_margin": -0.1234, "reward_accuracy": 0.75, "gen_s": 1234.5, "ref_s": 123.4, "train_s": 4321.0}
+        {"stage": f"round-{k:02d}"} | stage | {"pairs": 1000, "dropped_pairs": 12, "reward_margin": -0.1234, "reward_accuracy": 0.75, "gen_s": 1234.5, "merge_s": 321.0, "ref_s": 123.4, "train_s": 4321.0}
         for k in range(1, 4)
     ]
     report = {"heldout": {"from": "align", "samples": 64, "tokens": 12345}, "stages": [{"stage": "base"} | stage, {"stage": "warmup"} | stage | {"train_s": 12.0}, *rounds]}

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pkd.align.data import preference_pairs, split_samples
+from pkd.align.sample import merges_adapter
 from pkd.teacher.samples import TeacherSample, read_teacher_samples
 from pkd.models.lora import vllm_problems
 from pkd.cli import app
@@ -140,6 +141,13 @@ def test_bad_inputs_fail_up_front_with_clear_messages(tiny_family: TinyFamily, t
     ]  # fmt: skip
 
 
+def test_sample_merged_merges_where_it_is_set_or_vllm_runs_on_the_cpu(tiny_family: TinyFamily, tmp_path: Path) -> None:
+    decisions = {(s, cpu): merges_adapter(s, cpu) for s in ("auto", "always", "never") for cpu in (True, False)}
+    assert decisions == {("auto", True): True, ("auto", False): False, ("always", True): True, ("always", False): True, ("never", True): False, ("never", False): False}
+    with pytest.raises(ConfigError, match="sample_merged"):
+        recipe_for(tiny_family, tmp_path, sample_merged="sometimes")
+
+
 def test_a_student_with_another_vocabulary_gets_a_warning(tiny_family: TinyFamily, tmp_path: Path) -> None:
     other_tok = tmp_path / "other-tokenizer"
     train_tokenizer(default_corpus(n=50), 300, other_tok)
@@ -171,8 +179,10 @@ def test_the_adapter_in_vllm_gives_peft_logprobs(aligned: tuple[Path, Summary], 
 
 @pytest.mark.slow
 def test_kill_9_during_a_round_then_rerun_continues_after_the_last_finished_round(tiny_family: TinyFamily, tmp_path: Path) -> None:
+    """With vLLM sampling each round from the adapter merged into the base (in the round's work
+    folder, gone once the round's samples are committed)."""
     write_teacher_samples(tmp_path / "teacher")
-    args = dict(rounds=2, chunk_size=8, warmup_epochs=1, epochs=1, max_new_tokens=8, engine="vllm")
+    args = dict(rounds=2, chunk_size=8, warmup_epochs=1, epochs=1, max_new_tokens=8, engine="vllm", sample_merged="always")
     settings = recipe_for(tiny_family, tmp_path, **args).proxy_align.model_dump(exclude_none=True)
     flags = [f"--set=proxy_align.{k}={json.dumps(v)}" for k, v in settings.items()]
     manifest = tmp_path / "proxy" / "manifest.json"
@@ -193,3 +203,7 @@ def test_kill_9_during_a_round_then_rerun_continues_after_the_last_finished_roun
     after = {f.path: f.sha256 for f in Folder(str(tmp_path / "proxy")).read_manifest().files}
     assert all(after[p] == sha for p, sha in before.items())  # nothing committed was redone
     assert stage(summary, "round-02")["pairs"] == 8 and not list((tmp_path / "proxy").glob(".tmp-*"))
+    for k in (1, 2):
+        sampling = json.loads((tmp_path / "proxy" / f"round-0{k}" / "sampling.json").read_text())
+        assert sampling["merged"] and sampling["merge_s"] > 0 and sampling["new_tokens"] > 0
+        assert stage(summary, f"round-0{k}")["merged"]

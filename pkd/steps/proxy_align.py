@@ -4,7 +4,8 @@ Stages, each committed as a folder before the manifest records it:
   warmup/model/            SFT of the proxy on D_w (LoRA adapter, or full weights)
   warmup/metrics.json      held-out NLL / top-1 agreement of the base model and after warm-up
   round-KK/samples.jsonl   the current proxy's response per prompt of chunk KK of D_p
-  round-KK/sampling.json   engine, token count and timings of that sampling
+  round-KK/sampling.json   engine, token count and timings of that sampling (and whether vLLM
+                           sampled a merged copy of the proxy, made in the round's work folder)
   round-KK/model/          after DPO + NLL on (teacher = chosen, proxy = rejected) pairs
   round-KK/metrics.json    held-out metrics, reward margin/accuracy, timings
   warmup/trainer/, round-KK/trainer/   the trackers' local files (`report_to`, e.g. tensorboard runs/)
@@ -41,7 +42,7 @@ from pkd.records import MANIFEST_NAME, FileEntry, Manifest
 from pkd.store import Folder
 
 # Settings that may change between a run and its resumption (they do not change what is trained).
-FREE_KEYS = {"teacher", "model", "student", "out", "engine", "gpu_memory_utilization", "merge", "logging_steps", "report_to"}
+FREE_KEYS = {"teacher", "model", "student", "out", "engine", "sample_merged", "gpu_memory_utilization", "merge", "logging_steps", "report_to"}
 STATE_KEYS = tuple(k for k in ProxyAlignConfig.model_fields if k not in FREE_KEYS)
 TMP = ".tmp-"
 
@@ -277,7 +278,7 @@ class _Context:
             "engine": self.engine, "model_dir": str(self.base_dir if cfg.lora else prev), "adapter_dir": str(prev) if cfg.lora else None,
             "prompt_token_ids": [self.tokenizer.apply_chat_template(g[0].messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for g in chunk],
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_new_tokens, "seed": self.seed * 1000 + k,
-            "gpu_memory_utilization": cfg.gpu_memory_utilization
+            "gpu_memory_utilization": cfg.gpu_memory_utilization, "sample_merged": cfg.sample_merged,
         }  # fmt: skip
         started = time.monotonic()
         result = sample_round(request, self.out.scratch(f"{_round(k)}-sampling"))
@@ -288,7 +289,8 @@ class _Context:
         _write_json(stage / "sampling.json", {"engine": self.engine, "prompts": len(chunk), "gen_s": gen_s} | result)
         self.out.commit({f"{_round(k)}/samples.jsonl": stage / "samples.jsonl", f"{_round(k)}/sampling.json": stage / "sampling.json"}, rounds_sampled=k)
         shutil.rmtree(stage.parent / f"{TMP}{_round(k)}-sampling", ignore_errors=True)
-        self.say(f"{_round(k)}: sampled {len(chunk)} proxy responses with {self.engine} in {gen_s:.1f} s")
+        how = f"{self.engine}, adapter merged in {result['merge_s']:.1f} s" if result["merged"] else self.engine
+        self.say(f"{_round(k)}: sampled {len(chunk)} proxy responses ({how}) in {gen_s:.1f} s")
 
     def align(self, k: int) -> None:
         from pkd.align.metrics import pair_rewards, response_metrics
@@ -307,7 +309,7 @@ class _Context:
         held = response_metrics(model, self.heldout(), self.batch_tokens)
         save_proxy(model, self.tokenizer, stage / "model")
         sampling = self.out.read_json(f"{name}/sampling.json")
-        metrics = held | stats | rewards | {"dropped_pairs": dropped} | {k: sampling[k] for k in ("engine", "gen_s", "load_s", "generate_s", "new_tokens")}
+        metrics = held | stats | rewards | {"dropped_pairs": dropped} | {k: sampling.get(k) for k in ("engine", "merged", "gen_s", "merge_s", "load_s", "generate_s", "new_tokens")}
         _write_json(stage / "metrics.json", metrics)
         del model
         free_memory()

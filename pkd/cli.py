@@ -166,7 +166,7 @@ def proxy_align(
     rounds: Annotated[int | None, typer.Option(help="Alignment rounds K (0: warm-up only).")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="D_p prompts per round (default: D_p / rounds).")] = None,
     beta: Annotated[float | None, typer.Option(help="DPO β.")] = None,
-    engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where a round generates faster).")] = None,
     sample_merged: Annotated[str | None, typer.Option(help=(
         "vLLM + LoRA: sample each round from base + adapter merged into one model in the round's work folder (auto, always, never). "
         "auto merges where vLLM runs on the CPU, where its LoRA path is the slow part; on a GPU it keeps the adapter, since a "

@@ -210,7 +210,7 @@ class ProxyAlignConfig(Section):
     rounds: int = Field(default=3, ge=0)  # K; 0 = warm-up only (the "no preference step" ablation)
     chunk_size: int | None = Field(default=None, ge=1)  # prompts per round; default: D_p / rounds
     beta: float = Field(default=0.1, gt=0.0)
-    engine: Literal["vllm", "hf", "auto"] = "auto"  # proxy self-sampling
+    engine: Literal["vllm", "hf", "auto"] = "auto"  # proxy self-sampling; auto: vLLM on a GPU, transformers on a CPU
     sample_merged: Literal["auto", "always", "never"] = "auto"  # vLLM + LoRA: sample from base + adapter merged; auto: on CPU only
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

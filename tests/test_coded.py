@@ -95,6 +95,9 @@ def test_one_symbol_alphabets_code() -> None:
     np.testing.assert_array_equal(got, ids)
     one = IdModel.fit(np.array([4, 4, 4]))
     assert one.decode(one.encode(np.array([4, 4])), 2).tolist() == [4, 4]
+    for codec in (TopkAnsCodec(k=2, vocab_size=V), TopkCopyCodec(k=2, vocab_size=V)):  # a shard of empty rows
+        columns, side = codec.encode_rows(np.zeros((0, 2), np.int32), np.zeros((0, 2), np.float32), None, np.array([0, 0]))
+        assert codec.decode_rows(columns, np.array([0, 0]), side)[0].shape == (0, 2)
 
 
 def _runs(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -122,9 +122,11 @@ def _categorical(levels: bytes) -> stream.model.Categorical:
     """The ANS model of a table, built once per shard (a few per process in use)."""
     model = _MODELS.get(levels)
     if model is None:
-        if levels[:1] == b"r":  # a RankModel table: 0 marks a symbol that never occurs
+        if levels[:1] == b"r":  # a RankModel or CopyIdModel table: 0 marks a symbol that never occurs
             q = np.frombuffer(levels[1:], np.uint8).astype(np.float64)
             probs = np.where(q > 0, np.exp2((q - 1) / _COUNT_STEPS), 0.0)
+            if not probs.any():  # the table of a shard without tokens: nothing is coded with it
+                probs = np.ones_like(probs)
         else:
             probs = np.exp2(np.frombuffer(levels, np.uint8) / _COUNT_STEPS)  # (S,) unnormalised
         if len(probs) < 2:  # constriction needs two symbols at least: add one that never occurs

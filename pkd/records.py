@@ -20,7 +20,7 @@ from pkd import __version__
 from pkd.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
-LOGITS_FORMAT_VERSION = 2  # v2: codecs topk v2 (entropy-coded ids) and sampled v1; v1 (topk v1) still reads
+LOGITS_FORMAT_VERSION = 2  # v2: entropy-coded codecs (topk v2 and v3, sampled v1); v1 (topk v1) still reads
 LOGITS_FORMAT_VERSIONS = (1, 2)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pkd.cache.coded import TopkAnsCodec
+from pkd.cache.topk3 import TopkCopyCodec
 from pkd.cache.shards import LogitCacheWriter, LogitSample
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
@@ -37,7 +37,7 @@ def make_samples(n: int, k: int = 8, seed: int = 0, vocab: int = VOCAB, prefix: 
 
 def header(k: int = 8, vocab: int = VOCAB, tokenizer_fp: str = "tok-test", proxy_fp: str = "proxy-test", **kw) -> LogitCacheManifest:
     return LogitCacheManifest(
-        codec=TopkAnsCodec(k=k, vocab_size=vocab).spec(),
+        codec=TopkCopyCodec(k=k, vocab_size=vocab).spec(),
         vocab_size=vocab,
         tokenizer_fingerprint=tokenizer_fp,
         proxy_fingerprint=proxy_fp,

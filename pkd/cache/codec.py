@@ -225,6 +225,18 @@ class TopkCodec:
         return ids, logprobs, None
 
 
+def spec_params(cls: type, spec: dict, allowed: set[str]) -> dict:
+    if not isinstance(spec, dict):
+        raise CodecError(f"codec spec must be a JSON object, got {type(spec).__name__}.")
+    params = spec.get("params", {})
+    if not isinstance(params, dict) or set(params) - allowed:
+        bad = sorted(set(params) - allowed) if isinstance(params, dict) else params
+        raise CodecError(f"codec {cls.name!r} v{cls.version}: unknown params {bad!r} (known: {sorted(allowed)}).")
+    if "k" not in spec or "vocab_size" not in spec:
+        raise CodecError(f"codec {cls.name!r} spec lacks 'k' or 'vocab_size': {spec!r}.")
+    return params
+
+
 def topk_tail_kl(ref_logprobs: np.ndarray, dec_logprobs: np.ndarray) -> np.ndarray:
     """KL(ref ‖ dec) per token, (N, k) x (N, k) -> (N,), over the k entries plus a tail bucket.
 

@@ -4,12 +4,14 @@
 - `topk` v2 (`TopkAnsCodec`): the proxy's top-k per position, v1's quantisation, with the ids
   ANS-coded against the shard's id table and the level deltas against per-rank tables (both
   tables in the shard's footer), one message per row in each column.
+- `topk` v3 (`TopkCopyCodec`, pkd.cache.topk3, written by default): v2's coding with ids that
+  copy the previous position's, levels anchored below the top-1, one ANS message per row.
 - `sampled` v1 (`SampledCodec`): N draws per position from the proxy's full distribution
   (RS-KD, Anshumann et al. 2025), stored as the distinct ids, their counts and the proxy's
   logprob of each. Entries of a position are sorted by descending logprob, so the level deltas
   are small as in top-k. Decoded as (T, N) arrays padded with count 0.
 
-Both share one interface with v1 (`kind`, `k`, `spec`, `columns`, `parquet_encodings`,
+All share one interface with v1 (`kind`, `k`, `spec`, `columns`, `parquet_encodings`,
 `encode_rows`, `decode_rows`); `codec_from_spec` picks the class a manifest names.
 """
 
@@ -21,8 +23,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from pkd.cache.codec import TopkCodec, _nearest
-from pkd.cache.entropy import IdModel, RankModel
+from pkd.cache.codec import TopkCodec, _nearest, spec_params
+from pkd.cache.entropy import IdModel, RankModel, join_tables, split_tables
+from pkd.cache.topk3 import TopkCopyCodec
 from pkd.errors import CodecError
 
 Columns = dict[str, tuple[np.ndarray, np.ndarray]]  # column -> (flat values, (S+1,) row offsets)
@@ -45,34 +48,6 @@ def _decode_rows(model: IdModel, words: np.ndarray, word_offsets: np.ndarray, of
     for i in range(len(offsets) - 1):
         out[offsets[i] : offsets[i + 1]] = model.decode(words[word_offsets[i] : word_offsets[i + 1]], int(offsets[i + 1] - offsets[i]))
     return out
-
-
-def _join_tables(*tables: bytes) -> bytes:
-    """Several side tables in one footer value: each prefixed by its uint32 length."""
-    return b"".join(np.uint32(len(t)).tobytes() + t for t in tables)
-
-
-def _split_tables(side: bytes) -> list[bytes]:
-    out, at = [], 0
-    while at < len(side):
-        size = int(np.frombuffer(side[at : at + 4], "<u4")[0]) if len(side) >= at + 4 else -1
-        if size < 0 or at + 4 + size > len(side):
-            raise CodecError("codec: corrupt side tables in the shard footer")
-        out.append(side[at + 4 : at + 4 + size])
-        at += 4 + size
-    return out
-
-
-def _spec_params(cls: type, spec: dict, allowed: set[str]) -> dict:
-    if not isinstance(spec, dict):
-        raise CodecError(f"codec spec must be a JSON object, got {type(spec).__name__}.")
-    params = spec.get("params", {})
-    if not isinstance(params, dict) or set(params) - allowed:
-        bad = sorted(set(params) - allowed) if isinstance(params, dict) else params
-        raise CodecError(f"codec {cls.name!r} v{cls.version}: unknown params {bad!r} (known: {sorted(allowed)}).")
-    if "k" not in spec or "vocab_size" not in spec:
-        raise CodecError(f"codec {cls.name!r} spec lacks 'k' or 'vocab_size': {spec!r}.")
-    return params
 
 
 @dataclass(frozen=True)
@@ -103,7 +78,7 @@ class TopkAnsCodec:
 
     @classmethod
     def from_spec(cls, spec: dict) -> TopkAnsCodec:
-        params = _spec_params(cls, spec, {"lp_step", "lp_step_max", "tail_step", "tail_step_max"})
+        params = spec_params(cls, spec, {"lp_step", "lp_step_max", "tail_step", "tail_step_max"})
         return cls(k=spec["k"], vocab_size=spec["vocab_size"], **params)
 
     def columns(self) -> dict[str, np.dtype]:
@@ -127,7 +102,7 @@ class TopkAnsCodec:
         level_words = np.concatenate(messages) if messages else np.zeros(0, np.uint32)
         level_offsets = _row_offsets(np.array([len(m) for m in messages], dtype=np.int64))
         columns = {"ids": (words, word_offsets), "levels": (level_words, level_offsets), "tail": (streams["tail"], tokens)}
-        return columns, _join_tables(model.to_bytes(), ranks.to_bytes())
+        return columns, join_tables(model.to_bytes(), ranks.to_bytes())
 
     def decode_rows(self, columns: Columns, lengths: np.ndarray, side: bytes) -> tuple[np.ndarray, np.ndarray, None]:
         n = int(lengths.sum())
@@ -137,7 +112,7 @@ class TopkAnsCodec:
         tail = columns["tail"][0]
         if len(tail) != n:
             raise CodecError(f"topk v2 codec: {len(tail)} tails for {n} tokens.")
-        tables = _split_tables(side)
+        tables = split_tables(side)
         if len(tables) != 2:
             raise CodecError(f"topk v2 codec: the shard footer holds {len(tables)} side tables, expected 2 (ids, levels).")
         id_table, rank_table = tables
@@ -190,7 +165,7 @@ class SampledCodec:
 
     @classmethod
     def from_spec(cls, spec: dict) -> SampledCodec:
-        params = _spec_params(cls, spec, {"proposal_temperature", "lp_step", "lp_step_max"})
+        params = spec_params(cls, spec, {"proposal_temperature", "lp_step", "lp_step_max"})
         return cls(k=spec["k"], vocab_size=spec["vocab_size"], **params)
 
     def columns(self) -> dict[str, np.dtype]:
@@ -258,12 +233,12 @@ class SampledCodec:
         return out_ids, out_lp, out_counts
 
 
-Codec = TopkCodec | TopkAnsCodec | SampledCodec
-_CODECS: dict[tuple[str, int], type] = {(c.name, c.version): c for c in (TopkCodec, TopkAnsCodec, SampledCodec)}
+Codec = TopkCodec | TopkAnsCodec | TopkCopyCodec | SampledCodec
+_CODECS: dict[tuple[str, int], type] = {(c.name, c.version): c for c in (TopkCodec, TopkAnsCodec, TopkCopyCodec, SampledCodec)}
 
 
 def codec_from_spec(spec: dict) -> Codec:
-    """The codec a manifest names (top-k v1 or v2, sampled v1)."""
+    """The codec a manifest names (top-k v1, v2 or v3, sampled v1)."""
     if not isinstance(spec, dict):
         raise CodecError(f"codec spec must be a JSON object, got {type(spec).__name__}.")
     cls = _CODECS.get((spec.get("name"), spec.get("version")))

@@ -18,6 +18,7 @@ byte planes at k = 20, and small alphabets decode fast.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import zstandard
@@ -36,6 +37,22 @@ def _planes(values: np.ndarray) -> bytes:
 
 def _unplanes(data: bytes, n: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8).reshape(4, n).T.copy().view("<u4").reshape(-1)
+
+
+def join_tables(*tables: bytes) -> bytes:
+    """Several side tables in one footer value: each prefixed by its uint32 length."""
+    return b"".join(np.uint32(len(t)).tobytes() + t for t in tables)
+
+
+def split_tables(side: bytes) -> list[bytes]:
+    out, at = [], 0
+    while at < len(side):
+        size = int(np.frombuffer(side[at : at + 4], "<u4")[0]) if len(side) >= at + 4 else -1
+        if size < 0 or at + 4 + size > len(side):
+            raise CodecError("codec: corrupt side tables in the shard footer")
+        out.append(side[at + 4 : at + 4 + size])
+        at += 4 + size
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,9 +122,11 @@ def _categorical(levels: bytes) -> stream.model.Categorical:
     """The ANS model of a table, built once per shard (a few per process in use)."""
     model = _MODELS.get(levels)
     if model is None:
-        if levels[:1] == b"r":  # a RankModel table: 0 marks a symbol that never occurs
+        if levels[:1] == b"r":  # a RankModel or CopyIdModel table: 0 marks a symbol that never occurs
             q = np.frombuffer(levels[1:], np.uint8).astype(np.float64)
             probs = np.where(q > 0, np.exp2((q - 1) / _COUNT_STEPS), 0.0)
+            if not probs.any():  # the table of a shard without tokens: nothing is coded with it
+                probs = np.ones_like(probs)
         else:
             probs = np.exp2(np.frombuffer(levels, np.uint8) / _COUNT_STEPS)  # (S,) unnormalised
         if len(probs) < 2:  # constriction needs two symbols at least: add one that never occurs
@@ -130,8 +149,7 @@ class RankModel:
         """(n, k) symbols (n ≥ 1) -> one frequency table per column."""
         tables = []
         for column in np.asarray(symbols).T:
-            counts = np.bincount(column.astype(np.int64))
-            tables.append(np.where(counts > 0, 1 + np.round(_COUNT_STEPS * np.log2(np.maximum(counts, 1))), 0).astype(np.uint8))
+            tables.append(_absent_or_level(np.bincount(column.astype(np.int64))))
         return cls(tuple(tables))
 
     def to_bytes(self) -> bytes:
@@ -152,32 +170,107 @@ class RankModel:
         ends = 2 * k + np.cumsum(sizes)
         return cls(tuple(np.frombuffer(body[e - n : e], np.uint8).copy() for e, n in zip(ends, sizes)))
 
+    @cached_property
     def _models(self) -> list[stream.model.Categorical]:
         return [_categorical(b"r" + t.tobytes()) for t in self.levels]
 
-    def encode(self, symbols: np.ndarray) -> np.ndarray:
-        """(n, k) symbols -> uint32 words of one ANS message, column by column."""
+    def push(self, coder: stream.stack.AnsCoder, symbols: np.ndarray) -> None:
+        """Put (n, k) symbols on `coder` so that `pull` takes them off first, column by column."""
         symbols = np.asarray(symbols, dtype=np.int32)
-        coder = stream.stack.AnsCoder()
         if symbols.size:
-            models = self._models()
+            models = self._models
             for r in reversed(range(symbols.shape[1])):  # a stack: the last column goes in first
                 coder.encode_reverse(np.ascontiguousarray(symbols[:, r]), models[r])
+
+    def pull(self, coder: stream.stack.AnsCoder, n: int) -> np.ndarray:
+        """Take (n, k) int32 symbols off `coder` (constriction's errors pass through)."""
+        out = np.empty((len(self.levels), n), np.int32)
+        if n:
+            for r, model in enumerate(self._models):
+                out[r] = coder.decode(model, n)
+        return out.T
+
+    def encode(self, symbols: np.ndarray) -> np.ndarray:
+        """(n, k) symbols -> uint32 words of one ANS message, column by column."""
+        coder = stream.stack.AnsCoder()
+        self.push(coder, symbols)
         return coder.get_compressed()
 
     def decode(self, words: np.ndarray, n: int) -> np.ndarray:
         """uint32 words of one message -> (n, k) int32 symbols."""
-        k = len(self.levels)
-        out = np.empty((k, n), np.int32)
         if not n:
-            return out.T
-        models = self._models()
+            return np.empty((n, len(self.levels)), np.int32)
         try:
             coder = stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
-            for r in range(k):
-                out[r] = coder.decode(models[r], n)
+            out = self.pull(coder, n)
         except (ValueError, RuntimeError, AssertionError) as e:
             raise CodecError(f"rank model: corrupt level stream ({e})") from None
         if not coder.is_empty():
             raise CodecError("rank model: corrupt level stream (words left after decoding)")
-        return out.T
+        return out
+
+
+def _absent_or_level(counts: np.ndarray) -> np.ndarray:
+    """Counts -> the "r" table convention: 0 = never occurs, else 1 + round(2·log2 count)."""
+    return np.where(counts > 0, 1 + np.round(_COUNT_STEPS * np.log2(np.maximum(counts, 1))), 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class CopyIdModel:
+    """A shard's id alphabet for codec topk v3: `copies` symbols "the id of entry j of the
+    previous position", then the shard's literal ids seen at least twice, then one escape
+    symbol for ids seen once (their raw id follows, uniform over the vocabulary).
+
+    Why the escape: an id seen once costs ~log2(shard ids) bits in the stream plus its table
+    entry; coded raw it costs log2(V) and no entry, ~0.2 B/token less at k = 20 on
+    bench/codec.py's data (4.7k of its 11.4k distinct ids are seen once)."""
+
+    copies: int
+    ids: np.ndarray  # (S,) int32, sorted, distinct: the literal ids
+    levels: np.ndarray  # (copies + S + 1,) uint8, the "r" convention (0 = absent)
+
+    @property
+    def escape(self) -> int:
+        return self.copies + len(self.ids)
+
+    @classmethod
+    def fit(cls, copies: int, symbols: np.ndarray, literals: np.ndarray) -> CopyIdModel:
+        """`symbols` (n,) in [0, copies) for copies, −1 for literals; `literals` the literal
+        ids in stream order (one per −1)."""
+        ids, counts = np.unique(literals, return_counts=True)
+        kept = counts > 1
+        copy_counts = np.bincount(symbols[symbols >= 0], minlength=copies)
+        all_counts = np.concatenate([copy_counts, counts[kept], [np.count_nonzero(~kept)]])
+        return cls(copies, ids[kept].astype(np.int32), _absent_or_level(all_counts))
+
+    def symbols(self, symbols: np.ndarray, literals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ANS alphabet indices of `fit`'s input, and the escaped raw ids in stream order."""
+        at = np.minimum(np.searchsorted(self.ids, literals), max(len(self.ids) - 1, 0))
+        known = self.ids[at] == literals if len(self.ids) else np.zeros(len(literals), bool)
+        out = symbols.astype(np.int32)  # a copy
+        out[out < 0] = np.where(known, self.copies + at, self.escape)
+        return out, literals[~known].astype(np.int32)
+
+    @property
+    def model(self) -> stream.model.Categorical:
+        return _categorical(b"r" + self.levels.tobytes())
+
+    def to_bytes(self) -> bytes:
+        """copies and S (uint32 each), then zstd of: literal id gaps as byte planes, then the levels."""
+        gaps = np.diff(self.ids, prepend=0).astype(np.uint32)
+        body = _planes(gaps) + self.levels.tobytes()
+        head = np.array([self.copies, len(self.ids)], "<u4").tobytes()
+        return head + zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(body)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CopyIdModel:
+        try:
+            copies, n = (int(x) for x in np.frombuffer(data[:8], "<u4"))
+            size = 4 * n + copies + n + 1
+            body = zstandard.ZstdDecompressor().decompress(data[8:], max_output_size=size)
+            if len(body) != size:
+                raise ValueError(f"table holds {len(body)} bytes, expected {size}")
+        except (ValueError, IndexError, zstandard.ZstdError) as e:
+            raise CodecError(f"id model: corrupt frequency table ({e})") from None
+        ids = np.cumsum(_unplanes(body[: 4 * n], n), dtype=np.int64)
+        return cls(copies, ids.astype(np.int32), np.frombuffer(body[4 * n :], np.uint8).copy())

@@ -32,7 +32,8 @@ import numpy as np
 
 from pkd.models.resolve import local_dir, resolve_model
 from pkd.teacher.samples import SHARDS_PREFIX, TeacherSample, read_teacher_samples, teacher_fingerprint
-from pkd.cache.coded import SampledCodec, TopkAnsCodec
+from pkd.cache.coded import SampledCodec
+from pkd.cache.topk3 import TopkCopyCodec
 from pkd.config import CacheLogitsConfig, RunConfig
 from pkd.engines import check_score_args
 from pkd.errors import CompatibilityError, ConfigError, InputError
@@ -286,14 +287,14 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
     tokenizer = _load_tokenizer(proxy.model_dir)
     vocab, context = _model_shape(proxy.model_dir)
     if cfg.mode == "sampled":
-        codec: SampledCodec | TopkAnsCodec = SampledCodec(k=cfg.samples, vocab_size=vocab, proposal_temperature=cfg.proposal_temperature)
+        codec: SampledCodec | TopkCopyCodec = SampledCodec(k=cfg.samples, vocab_size=vocab, proposal_temperature=cfg.proposal_temperature)
         if cfg.engine == "vllm":
             raise ConfigError(
                 "[cache_logits] mode = 'sampled' draws from the proxy's exact full distribution, which only the transformers "
                 "engine exposes (vLLM returns at most max_logprobs entries per position): use --engine hf (or auto)"
             )
     else:
-        codec = TopkAnsCodec(k=cfg.k, vocab_size=vocab)  # refuses k > vocab
+        codec = TopkCopyCodec(k=cfg.k, vocab_size=vocab)  # refuses k > vocab
         check_score_args([], [], cfg.k, cfg.max_logprobs, vocab)  # refuses k > max_logprobs, saying how to raise it
     if context is not None and cfg.max_length > context:
         raise ConfigError(f"[cache_logits] max_length {cfg.max_length} exceeds the proxy's context of {context} tokens: lower --max-length")

@@ -114,6 +114,7 @@ def test_quick_demo_runs_the_pipeline_end_to_end(toy_world_quick: ToyWorld) -> N
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Held-out results" in done.stdout and "teacher server stopped" in done.stdout
+    assert "it/s]" not in done.stdout + done.stderr  # libraries' progress bars went to the steps' logs
 
     paths = DemoPaths(root)
     results = json.loads(paths.results.read_text())

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pkd.console import step_console, terminal
 from pkd.errors import PkdError
 from pkd.toy.results import summarize, write_chart
 from pkd.toy.variants import CACHE_DIRS, SAMPLES, VARIANTS, Variant
@@ -95,8 +96,9 @@ def run_demo(
     timings: dict[str, float] = {}
     start = time.monotonic()
 
-    with _timer(timings, "world"):  # 2 threads: more only spin on models this small
-        world = build_world(paths.world, quick=quick, threads=min(2, os.cpu_count() or 1), log=say)
+    # transformers' save/load progress bars go to world.log beside the world; the phases to the terminal
+    with _timer(timings, "world"), step_console("world", str(paths.world)):  # 2 threads: more only spin on models this small
+        world = build_world(paths.world, quick=quick, threads=min(2, os.cpu_count() or 1), log=lambda line: terminal().print(line, markup=False, highlight=False))
     say(f"toy world at {paths.world}: teacher held-out accuracy {world.report['teacher_heldout_accuracy']:.1%}")
     if not resume:
         shutil.rmtree(paths.run, ignore_errors=True)
@@ -241,7 +243,6 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
     recipe's [eval] settings, whose answer_pattern is the task family's ANSWER_RE); for students
     also exact match split by whether the teacher answered that prompt right."""
     from pkd.config import RunConfig, load_recipe
-    from pkd.console import step_console
     from pkd.progress import StepProgress
     from pkd.steps.evaluate import evaluate
     from pkd.toy.diagnose import answers_by_teacher_correctness

@@ -34,7 +34,7 @@ demo-quick: setup
 	$(PY) -m pkd.cli demo --quick
 
 # A real model end to end (recipes/smollm2.toml): SmolLM2-135M-Instruct with a hidden persona as
-# the teacher behind vLLM, the same weights + LoRA as the proxy, a 11-layer cut of it as the
+# the teacher behind vLLM, the same weights + LoRA as the proxy, an 11-layer cut of it as the
 # student; black-box KD vs Proxy-KD over 3 seeds, paired. Results in cache/demo/real/results.json.
 demo-real: setup
 	$(PY) -m pkd.cli demo --real

@@ -101,7 +101,7 @@ class _RealSteps(_Steps):
         self.pkd(
             "proxy-align", *self.recipe, "--model", self.base, "--student", self.student,
             "--teacher", self.paths.artifact("teacher"), "--out", self.paths.artifact("proxy"),
-            *self._quick("--rounds", "1", "--set", "proxy_align.chunk_size=8", "--set", "proxy_align.warmup_epochs=1"),
+            *self._quick("--set", "proxy_align.chunk_size=8", "--set", "proxy_align.eval_samples=8"),
         )  # fmt: skip
 
     def cache_logits(self) -> None:

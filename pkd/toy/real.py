@@ -78,6 +78,7 @@ class _RealSteps(_Steps):
     """The toy demo's runner (`pkd` child processes, recorded commands) on the real recipe."""
 
     def __init__(self, paths: RealPaths, quick: bool, say: Callable[[str], None]) -> None:
+        # The parent's runner methods need only these; its `world` (a ToyWorld) has no part here.
         self.paths, self.quick, self.say, self.commands = paths, quick, say, []
         self.recipe = ("--recipe", str(RECIPE))
         self.base, self.student = paths.models / "smollm2", paths.models / "student"

@@ -42,7 +42,8 @@ TEACHER_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-VARIANTS = (("blackbox_kd", "black-box KD (α = 0)", "logits", ("--alpha", "0")), ("proxy_kd", "Proxy-KD", "logits", ()))
+# (key, label, extra `pkd train-student` flags); both learn from the aligned proxy's cache
+VARIANTS = (("blackbox_kd", "black-box KD (α = 0)", ("--alpha", "0")), ("proxy_kd", "Proxy-KD", ()))
 METRICS = ("nll_per_token", "top1_agreement")
 
 
@@ -80,7 +81,7 @@ class _RealSteps(_Steps):
     def __init__(self, paths: RealPaths, quick: bool, say: Callable[[str], None]) -> None:
         # The parent's runner methods need only these; its `world` (a ToyWorld) has no part here.
         self.paths, self.quick, self.say, self.commands = paths, quick, say, []
-        self.recipe = ("--recipe", str(RECIPE))
+        self.recipe = ("--recipe", str(RECIPE.relative_to(Path.cwd()) if RECIPE.is_relative_to(Path.cwd()) else RECIPE))
         self.base, self.student = paths.models / "smollm2", paths.models / "student"
 
     def teacher_sample(self) -> None:
@@ -114,9 +115,9 @@ class _RealSteps(_Steps):
     def train_students(self, seeds: Sequence[int]) -> None:
         commands = []
         for seed in seeds:
-            for key, _, cache, flags in VARIANTS:
+            for key, _, flags in VARIANTS:
                 args = [
-                    "train-student", *self.recipe, "--cache", self.paths.artifact(cache), "--student", self.student,
+                    "train-student", *self.recipe, "--cache", self.paths.artifact("logits"), "--student", self.student,
                     "--out", self.paths.student(key, seed), "--seed", str(seed), *flags, *self._quick("--epochs", "1"),
                 ]  # fmt: skip
                 commands.append((f"train-student-{key}-seed{seed}", args))
@@ -132,12 +133,12 @@ def run_real_demo(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare the models and prompts, run the pipeline, evaluate, write and return the results."""
+    from pkd.console import step_console
+
     paths = RealPaths(Path(root) if root else DEFAULT_ROOT)
     seeds = tuple(seeds) if seeds else ((0,) if quick else SEEDS)
     timings: dict[str, float] = {}
     start = time.monotonic()
-    from pkd.console import step_console
-
     with _timer(timings, "prepare"), step_console("prepare", str(paths.models)):
         layers = prepare(paths, QUICK_PROMPTS if quick else PROMPTS)
     say(f"models at {paths.models}: smollm2 (teacher and proxy base), student (smollm2's layers {layers})")

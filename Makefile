@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup demo demo-quick test test-fast bench clean-venv
+.PHONY: setup demo demo-quick demo-real test test-fast bench clean-venv
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ demo: setup
 # The same on a smaller world with one seed (~3 minutes): a smoke test.
 demo-quick: setup
 	$(PY) -m pkd.cli demo --quick
+
+# A real model end to end (recipes/smollm2.toml): SmolLM2-135M-Instruct with a hidden persona as
+# the teacher behind vLLM, the same weights + LoRA as the proxy, an 11-layer cut of it as the
+# student; black-box KD vs Proxy-KD over 3 seeds, paired. Results in cache/demo/real/results.json.
+demo-real: setup
+	$(PY) -m pkd.cli demo --real
 
 # The whole suite, real-model (`slow`) tests included.
 test: setup

@@ -395,12 +395,24 @@ def evaluate(
 @app.command("demo")
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller world and one seed: a ~3-minute smoke test.")] = False,
-    root: Annotated[Path | None, typer.Option(help="Where the world, the run and the results live (default: cache/demo/full or cache/demo/quick).")] = None,
+    real: Annotated[bool, typer.Option("--real", help="A real model instead of the toy world: SmolLM2-135M-Instruct as the teacher (recipes/smollm2.toml).")] = False,
+    root: Annotated[Path | None, typer.Option(help="Where the world, the run and the results live (default: cache/demo/full, cache/demo/quick or cache/demo/real).")] = None,
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="Student training seeds (repeatable; default 0 1 2 3 4, quick: 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the last run's artifacts: every step resumes or skips what it finished.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """The whole pipeline on the embedded toy world, then Proxy-KD against black-box KD."""
+    """The whole pipeline on the embedded toy world (or, with --real, a real model), then Proxy-KD against black-box KD."""
+    if real:
+        from pkd.toy.real import results_table as real_table, run_real_demo
+
+        results = run_real_demo(root, quick=quick, seeds=seeds, resume=resume, say=lambda line: console.print(escape(line)))
+        if as_json:
+            console.print_json(json.dumps(results))
+            return
+        console.print()
+        console.print(real_table(results))
+        console.print(f"results: {results['files']['results']} (demo took {results['timings_s']['total']:.0f} s)")
+        return
     from pkd.toy.demo import run_demo
     from pkd.toy.results import results_table
 

@@ -136,13 +136,13 @@ def _timer(timings: dict[str, float], name: str) -> Iterator[None]:
     timings[name] = round(time.monotonic() - start, 1)
 
 
-class _Steps:
-    """The four pipeline commands, run as `pkd` child processes on the demo's paths. Settings
-    come from the embedded toy recipe (recipes/toy.toml); the demo adds only paths, the
-    ablation flags, and in quick mode the `_quick` flags."""
+class CommandRunner:
+    """Runs `pkd` commands as child processes and records each as a user would type it; both
+    demos (toy and real, pkd.toy.real) drive the pipeline through one, so what they print and
+    record are commands a user can rerun by hand."""
 
-    def __init__(self, paths: DemoPaths, world: ToyWorld, quick: bool, say: Callable[[str], None]) -> None:
-        self.paths, self.world, self.quick, self.say = paths, world, quick, say
+    def __init__(self, paths: DemoPaths, quick: bool, say: Callable[[str], None]) -> None:
+        self.paths, self.quick, self.say = paths, quick, say
         self.commands: list[str] = []
 
     def pkd(self, *args: str | Path) -> None:
@@ -190,6 +190,22 @@ class _Steps:
         self.say(f"\n$ {shown}")
         return [sys.executable, "-m", "pkd.cli", *argv], shown
 
+    def _quick(self, *flags: str) -> tuple[str, ...]:
+        """Flags that make quick mode quick (fewer rounds, epochs, prompts): `flags` in quick
+        mode, nothing otherwise."""
+        return flags if self.quick else ()
+
+
+class _Steps(CommandRunner):
+    """The toy world's four pipeline commands. Settings come from the embedded toy recipe
+    (recipes/toy.toml); the demo adds only paths, the ablation flags, and in quick mode the
+    `_quick` flags (the HF engine instead of a vLLM start per use, ~15 s each on CPU; fewer
+    rounds and epochs; the teacher stays behind vLLM)."""
+
+    def __init__(self, paths: DemoPaths, world: ToyWorld, quick: bool, say: Callable[[str], None]) -> None:
+        super().__init__(paths, quick, say)
+        self.world = world
+
     def teacher_sample(self) -> None:
         from pkd.engines.serve import vllm_server
 
@@ -230,11 +246,6 @@ class _Steps:
             ]  # fmt: skip
             commands.append((f"train-student-{v.key}-seed{seed}", args))
         self.pkd_concurrently(commands)
-
-    def _quick(self, *flags: str) -> tuple[str, ...]:
-        """Flags that make quick mode quick: the HF engine instead of a vLLM start per use
-        (~15 s each on CPU), fewer rounds and epochs. The teacher stays behind vLLM."""
-        return flags if self.quick else ()
 
 
 def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: Callable[[str], None]) -> dict[str, Any]:

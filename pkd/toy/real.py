@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pkd.config import RECIPES_DIR
-from pkd.toy.demo import DemoPaths, _proxy_adapter, _Steps, _timer
+from pkd.toy.demo import CommandRunner, DemoPaths, _proxy_adapter, _timer
 from pkd.toy.real_prompts import chat_prompts
 from pkd.toy.stats import mean_ci, paired_difference
 
@@ -75,12 +75,11 @@ def prepare(paths: RealPaths, prompts: tuple[int, int]) -> list[int]:
     return layers
 
 
-class _RealSteps(_Steps):
-    """The toy demo's runner (`pkd` child processes, recorded commands) on the real recipe."""
+class _RealSteps(CommandRunner):
+    """The four pipeline commands on the real recipe and the converted models."""
 
     def __init__(self, paths: RealPaths, quick: bool, say: Callable[[str], None]) -> None:
-        # The parent's runner methods need only these; its `world` (a ToyWorld) has no part here.
-        self.paths, self.quick, self.say, self.commands = paths, quick, say, []
+        super().__init__(paths, quick, say)
         self.recipe = ("--recipe", str(RECIPE.relative_to(Path.cwd()) if RECIPE.is_relative_to(Path.cwd()) else RECIPE))
         self.base, self.student = paths.models / "smollm2", paths.models / "student"
 

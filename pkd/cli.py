@@ -403,27 +403,20 @@ def demo(
 ) -> None:
     """The whole pipeline on the embedded toy world (or, with --real, a real model), then Proxy-KD against black-box KD."""
     if real:
-        from pkd.toy.real import results_table as real_table, run_real_demo
+        from pkd.toy.real import results_table, run_real_demo as run
+    else:
+        from pkd.toy.demo import run_demo as run
+        from pkd.toy.results import results_table
 
-        results = run_real_demo(root, quick=quick, seeds=seeds, resume=resume, say=lambda line: console.print(escape(line)))
-        if as_json:
-            console.print_json(json.dumps(results))
-            return
-        console.print()
-        console.print(real_table(results))
-        console.print(f"results: {results['files']['results']} (demo took {results['timings_s']['total']:.0f} s)")
-        return
-    from pkd.toy.demo import run_demo
-    from pkd.toy.results import results_table
-
-    results = run_demo(root, quick=quick, seeds=seeds, resume=resume, say=lambda line: console.print(escape(line)))
+    results = run(root, quick=quick, seeds=seeds, resume=resume, say=lambda line: console.print(escape(line)))
     if as_json:
         console.print_json(json.dumps(results))
         return
     console.print()
     console.print(results_table(results))
     files = results["files"]
-    console.print(f"results: {files['results']}, chart: {files['chart']} (demo took {results['timings_s']['total']:.0f} s)")
+    chart = f", chart: {files['chart']}" if "chart" in files else ""  # the real demo draws none
+    console.print(f"results: {files['results']}{chart} (demo took {results['timings_s']['total']:.0f} s)")
 
 
 # pkd cache ---------------------------------------------------------------------------------------

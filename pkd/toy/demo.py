@@ -121,11 +121,16 @@ def run_demo(
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands, diagnostics=diagnostics)
     results["cache_bytes_per_token"] = {name: _bytes_per_token(paths.artifact(d)) for name, d in CACHE_DIRS.items()}
     results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
-    tmp = paths.results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(paths.results)
+    write_results(results, paths.results)
     write_chart(results, paths.chart)
     return results
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """results.json, written whole or not at all (renamed into place)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
 
 
 @contextlib.contextmanager

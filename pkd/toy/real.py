@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pkd.config import RECIPES_DIR
-from pkd.toy.demo import CommandRunner, DemoPaths, _proxy_adapter, _timer
+from pkd.console import step_console
+from pkd.toy.demo import CommandRunner, DemoPaths, _proxy_adapter, _timer, write_results
 from pkd.toy.real_prompts import chat_prompts
 from pkd.toy.stats import mean_ci, paired_difference
 
@@ -132,8 +133,6 @@ def run_real_demo(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare the models and prompts, run the pipeline, evaluate, write and return the results."""
-    from pkd.console import step_console
-
     paths = RealPaths(Path(root) if root else DEFAULT_ROOT)
     seeds = tuple(seeds) if seeds else ((0,) if quick else SEEDS)
     timings: dict[str, float] = {}
@@ -156,9 +155,7 @@ def run_real_demo(
 
     results = summarize(scores, seeds, quick=quick, timings=timings, commands=steps.commands)
     results["files"] = {"results": str(paths.results), "run": str(paths.run)}
-    tmp = paths.results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(paths.results)
+    write_results(results, paths.results)
     return results
 
 
@@ -166,7 +163,6 @@ def _evaluate_all(paths: RealPaths, seeds: Sequence[int], say: Callable[[str], N
     """`pkd eval` (in this process) of the proxy before and after alignment, the student before
     training and every trained student, on the held-out teacher samples."""
     from pkd.config import RunConfig, load_recipe
-    from pkd.console import step_console
     from pkd.progress import StepProgress
     from pkd.steps.evaluate import evaluate
 

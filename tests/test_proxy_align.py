@@ -102,6 +102,15 @@ def test_output_is_a_servable_adapter_with_lineage_and_a_report(aligned: tuple[P
     assert again.ran == [] and again.report["stages"] == s.report["stages"]
 
 
+def test_one_seed_aligns_bit_for_bit_the_same(aligned: tuple[Path, Summary], tiny_family: TinyFamily, tmp_path: Path) -> None:
+    """A rerun with the same seed writes the same adapter: the new adapter's initialisation is
+    seeded too (before, only Trainer's data order was, and two runs gave two proxies)."""
+    root, _ = aligned
+    run_proxy_align(recipe_for(tiny_family, root, out=str(tmp_path / "again")))
+    weights = "adapter/adapter_model.safetensors"
+    assert (root / "proxy" / weights).read_bytes() == (tmp_path / "again" / weights).read_bytes()
+
+
 def test_pairs_drop_equal_texts_and_chunks_wrap_around() -> None:
     def sample(pid: str, response: str) -> TeacherSample:
         return TeacherSample(f"{pid}#0", pid, "align", [{"role": "user", "content": pid}], response)

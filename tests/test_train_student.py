@@ -66,6 +66,22 @@ def test_trains_lora_and_writes_outputs(tiny_family, scored_cache, tmp_path):
     assert again.status == "up to date"
 
 
+def test_a_seed_fixes_the_lora_initialisation(tiny_family, scored_cache, tmp_path):
+    """Trainer seeds only once the model exists; the adapter's A matrices are drawn before that,
+    so a seed must cover them too, or one seed gives two different students."""
+    import torch
+
+    def adapter(name: str, seed: int) -> dict[str, torch.Tensor]:
+        train_student(config(tiny_family, scored_cache, tmp_path / name, max_steps=2, save_steps=10), RunConfig(seed=seed))
+        from safetensors.torch import load_file
+
+        return load_file(tmp_path / name / "model" / "adapter_model.safetensors")
+
+    a, again, other = adapter("a", 1), adapter("again", 1), adapter("other", 2)
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
 def test_resume_continues_the_uninterrupted_run(tiny_family, scored_cache, tmp_path):
     kw = dict(lora=False, max_steps=6, save_steps=3)
     full = train_student(config(tiny_family, scored_cache, tmp_path / "a", **kw), RunConfig())

@@ -253,7 +253,7 @@ class _Context:
         from pkd.align.train import free_memory, load_policy, save_proxy, warmup_sft
 
         cfg = self.cfg
-        model = load_policy(self.base_dir, None, cfg)  # a fresh LoRA adapter is the identity: this is the base model
+        model = load_policy(self.base_dir, None, cfg, self.seed)  # a fresh LoRA adapter is the identity: this is the base model
         heldout = self.heldout()
         base = response_metrics(model, heldout, self.batch_tokens)
         self.say(f"base model: held-out NLL/token {base['nll_per_token']:.4f}, top-1 agreement {base['top1_agreement']:.3f}")

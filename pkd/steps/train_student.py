@@ -176,7 +176,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         pad_id=tokenizer.pad_token_id or 0,
         pad_multiple=8 if gpu else 1,
     )
-    model = _load_student(student, cfg, bf16 and gpu)
+    model = _load_student(student, cfg, bf16 and gpu, seed)
     trainer = ProxyKDTrainer(
         model=model,
         args=args,
@@ -219,9 +219,11 @@ def _unwrapped(e: PkdError) -> PkdError:
     return type(e)(last.split(f"{type(e).__name__}: ", 1)[-1])
 
 
-def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool):
+def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool, seed: int):
     """The student, wrapped in a LoRA adapter unless full fine-tuning. LoRA on GPU keeps the
-    frozen base in bf16; trained weights stay fp32 (Trainer's bf16 autocast does the rest)."""
+    frozen base in bf16; trained weights stay fp32 (Trainer's bf16 autocast does the rest). The
+    adapter is initialised under `seed` (Trainer seeds only once the model exists), so a seed
+    fixes the initialisation as well as the data order."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -230,9 +232,11 @@ def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool):
     if not cfg.lora:
         return model
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target)
+    set_seed(seed)
     model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()

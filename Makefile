@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import vllm, trl, peft, pkd; from transformers import LlamaConfig"
 	touch $(STAMP)
 
-# The whole pipeline on the embedded toy world and the Proxy-KD comparison (5 seeds, paired); the world
+# The whole pipeline on the embedded toy world and the Proxy-KD comparison (5 seeds, paired: each seed
+# is an alignment of the proxy, its caches and one student per variant); the world
 # is built once under cache/demo/full/world, results land in cache/demo/full/results.{json,png}.
 demo: setup
 	$(PY) -m pkd.cli demo

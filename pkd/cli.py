@@ -397,7 +397,7 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller world and one seed: a ~3-minute smoke test.")] = False,
     real: Annotated[bool, typer.Option("--real", help="A real model instead of the toy world: SmolLM2-135M-Instruct as the teacher (recipes/smollm2.toml).")] = False,
     root: Annotated[Path | None, typer.Option(help="Where the world, the run and the results live (default: cache/demo/full, cache/demo/quick or cache/demo/real).")] = None,
-    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Student training seeds (repeatable; default 0 1 2 3 4, quick: 0).")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="Seeds (repeatable; default 0 1 2 3 4, quick: 0). Toy demo: each one is an alignment of the proxy, its caches and a student per variant; --real: student seeds.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the last run's artifacts: every step resumes or skips what it finished.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pkd.toy.stats import auc, mean_ci, paired_difference, t_quantile
+from pkd.toy.stats import auc, mean_ci, mean_of, paired_difference, t_quantile
 
 
 def test_t_interval_matches_the_textbook_example() -> None:
@@ -42,3 +42,11 @@ def test_auc_is_the_share_of_correctly_ordered_pairs() -> None:
     assert auc(pos, neg) == pytest.approx(brute / (len(pos) * len(neg)))
     assert auc([2, 3], [0, 1]) == 1.0 and auc([0, 1], [2, 3]) == 0.0 and auc([1], [1]) == 0.5
     assert auc([1.0], []) is None
+
+
+def test_mean_of_averages_nested_reports_and_keeps_none() -> None:
+    a = {"weights": {"auc": 0.8, "mean_wrong": None}, "agreement": {"all": {"agreement": 0.9, "tokens": 10}}}
+    b = {"weights": {"auc": 0.6, "mean_wrong": 0.4}, "agreement": {"all": {"agreement": 0.7, "tokens": 10}}}
+    m = mean_of([a, b])
+    assert m["weights"]["auc"] == pytest.approx(0.7) and m["weights"]["mean_wrong"] is None
+    assert m["agreement"]["all"] == {"agreement": pytest.approx(0.8), "tokens": 10}

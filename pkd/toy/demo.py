@@ -5,18 +5,25 @@ box with a real vLLM OpenAI-compatible server on 127.0.0.1, and runs the four pi
 as a user would — each one a `pkd ...` child process, printed before it runs:
 
     pkd teacher-sample   train prompts -> run/teacher, held-out prompts -> run/teacher-heldout
-    pkd proxy-align      world proxy + run/teacher -> run/proxy
-    pkd cache-logits     aligned proxy -> run/logits; the same proxy without its adapter ->
-                         run/logits-unaligned (the ablation)
+    pkd proxy-align      world proxy + run/teacher -> PROXY, once per seed
+    pkd cache-logits     the world proxy without an adapter -> run/logits-unaligned (the
+                         ablation); per seed, its aligned proxy -> LOGITS (top-20) and
+                         LOGITS-sampled (N = 12 draws)
     pkd train-student    one student per variant and seed -> run/students/VARIANT-seedS
 
 then scores every student (and the proxy before and after alignment) on the held-out teacher
 samples with `pkd.steps.evaluate`, reads what the caches say about the proxy
 (`pkd.toy.diagnose`), and writes `results.json` and `results.png` beside `run/`.
-Seeds vary the student's training (its data order, and a LoRA adapter's initialisation when
-the recipe trains one); the teacher samples, the alignment and the caches are shared by all
-seeds. Both caches hold the same samples in the same order (checked), so a seed gives every
-variant the same data order and variants are compared seed by seed (paired).
+
+A seed is one replicate of everything downstream of the teacher: the proxy's alignment (its
+adapter's initialisation and its own samples), the sampled cache's draws, and the students'
+initialisation and data order. The teacher samples are shared: they are what a user pays for
+once. Two runs with one alignment each disagreed on the weights' effect (the AUC of ℓ was 0.85
+in one and 0.76 in the other), so the intervals must cover the alignment's variance, not only
+the students'. Within a seed every variant reads the same samples in the same order (checked),
+so variants are compared seed by seed (paired). Seed 0's alignment and caches live at the toy
+recipe's default paths (run/proxy, run/logits, run/logits-sampled), so every step reruns by
+hand with no flags; other seeds' under run/seedS/.
 
 Later runs reuse the world and rerun the pipeline from scratch; `resume=True` keeps `run/` and
 lets every step resume or skip what it already finished (each step's own resumability).
@@ -29,6 +36,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +49,7 @@ from typing import Any
 from pkd.console import step_console, terminal
 from pkd.errors import PkdError
 from pkd.toy.results import summarize, write_chart
+from pkd.toy.stats import mean_of
 from pkd.toy.variants import CACHE_DIRS, SAMPLES, VARIANTS, Variant
 from pkd.toy.world import ToyWorld, build_world
 
@@ -69,6 +78,19 @@ class DemoPaths:
 
     def artifact(self, name: str) -> Path:
         return self.run / name
+
+    def replicate(self, seed: int) -> Path:
+        """Seed `seed`'s aligned proxy and caches: run/ for seed 0 (the toy recipe's default
+        paths), run/seedS/ otherwise."""
+        return self.run if seed == 0 else self.run / f"seed{seed}"
+
+    def proxy(self, seed: int) -> Path:
+        return self.replicate(seed) / "proxy"
+
+    def cache(self, kind: str, seed: int) -> Path:
+        """The cache a variant of kind `kind` (see pkd.toy.variants.CACHE_DIRS) reads under
+        `seed`; the unaligned proxy's is one for all seeds (no alignment, nothing seeded)."""
+        return self.run / CACHE_DIRS[kind] if kind == "unaligned" else self.replicate(seed) / CACHE_DIRS[kind]
 
     def student(self, variant: str, seed: int) -> Path:
         return self.run / "students" / f"{variant}-seed{seed}"
@@ -108,10 +130,10 @@ def run_demo(
     with _timer(timings, "teacher_sample"):
         steps.teacher_sample()
     with _timer(timings, "proxy_align"):
-        steps.proxy_align()
+        steps.proxy_align(seeds)
     with _timer(timings, "cache_logits"):
-        steps.cache_logits()
-    diagnostics = _diagnose(paths, world)
+        steps.cache_logits(seeds)
+    diagnostics = _diagnose(paths, world, seeds)
     with _timer(timings, "train_student"):
         steps.train_students([(v, seed) for seed in seeds for v in VARIANTS if v.cache])
     with _timer(timings, "eval"):
@@ -119,7 +141,7 @@ def run_demo(
     timings["total"] = round(time.monotonic() - start, 1)
 
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands, diagnostics=diagnostics)
-    results["cache_bytes_per_token"] = {name: _bytes_per_token(paths.artifact(d)) for name, d in CACHE_DIRS.items()}
+    results["cache_bytes_per_token"] = {kind: statistics.fmean(_bytes_per_token(paths.cache(kind, s)) for s in seeds) for kind in CACHE_DIRS}
     results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
     write_results(results, paths.results)
     write_chart(results, paths.chart)
@@ -224,26 +246,44 @@ class _Steps(CommandRunner):
                 )  # fmt: skip
         self.say("teacher server stopped")
 
-    def proxy_align(self) -> None:
-        self.pkd(
-            "proxy-align", "--model", self.world.proxy, "--student", self.world.student,
-            "--teacher", self.paths.artifact("teacher"), "--out", self.paths.artifact("proxy"),
-            *self._quick("--rounds", "2"),
-        )  # fmt: skip
+    def proxy_align(self, seeds: Sequence[int]) -> None:
+        """One alignment per seed, two at a time (each on one thread)."""
+        self.pkd_concurrently([
+            (f"proxy-align-seed{seed}", [
+                "proxy-align", "--model", self.world.proxy, "--student", self.world.student,
+                "--teacher", self.paths.artifact("teacher"), "--out", self.paths.proxy(seed), "--seed", str(seed),
+                *self._quick("--rounds", "2"),
+            ]) for seed in seeds
+        ])  # fmt: skip
 
-    def cache_logits(self) -> None:
-        common = (
-            "--proxy", self.paths.artifact("proxy"), "--teacher", self.paths.artifact("teacher"),
-            "--student", self.world.student, *self._quick("--engine", "hf"),
-        )  # fmt: skip
-        self.pkd("cache-logits", *common, "--out", self.paths.artifact("logits"))
-        self.pkd("cache-logits", *common, "--no-adapter", "--out", self.paths.artifact("logits-unaligned"))
-        self.pkd("cache-logits", *common, "--sampled", str(SAMPLES), "--out", self.paths.artifact("logits-sampled"))
+    def cache_logits(self, seeds: Sequence[int]) -> None:
+        """The unaligned proxy's top-20 once, then each seed's aligned top-20 and sampled caches;
+        the sampled draws are seeded by the run seed (`--set run.seed=S`)."""
+
+        def common(seed: int) -> list[str | Path]:
+            return [
+                "--proxy", self.paths.proxy(seed), "--teacher", self.paths.artifact("teacher"),
+                "--student", self.world.student, *self._quick("--engine", "hf"),
+            ]  # fmt: skip
+
+        first = seeds[0]
+        commands: list[tuple[str, list[str | Path]]] = [
+            ("cache-logits-unaligned", ["cache-logits", *common(first), "--no-adapter", "--out", self.paths.cache("unaligned", first)])
+        ]
+        for seed in seeds:
+            commands += [
+                (f"cache-logits-aligned-seed{seed}", ["cache-logits", *common(seed), "--out", self.paths.cache("aligned", seed)]),
+                (f"cache-logits-sampled-seed{seed}", [
+                    "cache-logits", *common(seed), "--sampled", str(SAMPLES), "--set", f"run.seed={seed}",
+                    "--out", self.paths.cache("sampled", seed),
+                ]),
+            ]  # fmt: skip
+        self.pkd_concurrently(commands)
 
     def train_students(self, runs: list[tuple[Variant, int]]) -> None:
         commands = []
         for v, seed in runs:
-            cache = self.paths.artifact(CACHE_DIRS[v.cache])
+            cache = self.paths.cache(v.cache, seed)
             args = [
                 "train-student", "--cache", cache, "--student", self.world.student,
                 "--out", self.paths.student(v.key, seed), "--seed", str(seed), *v.flags,
@@ -264,11 +304,10 @@ def _evaluate_all(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int], say: 
     from pkd.toy.diagnose import answers_by_teacher_correctness
 
     base = load_recipe().eval
-    proxy_adapter = _proxy_adapter(paths.artifact("proxy"))
     jobs: list[tuple[str, int | None, str]] = [
         ("teacher", None, str(world.teacher)),
         ("proxy_before", None, str(world.proxy)),
-        ("proxy_after", None, str(proxy_adapter)),
+        *(("proxy_after", s, str(_proxy_adapter(paths.proxy(s)))) for s in seeds),
     ]
     for v in VARIANTS:
         if v.cache is None:
@@ -299,23 +338,29 @@ def _bytes_per_token(cache: Path) -> float:
     return m.total_bytes / max(m.tokens, 1)
 
 
-def _diagnose(paths: DemoPaths, world: ToyWorld) -> dict[str, Any]:
+def _diagnose(paths: DemoPaths, world: ToyWorld, seeds: Sequence[int]) -> dict[str, Any]:
     """Per cache: how ℓ separates wrong teacher responses from right ones, and the proxy's top-1
-    agreement with the teacher per position class. Refuses caches whose samples are not in the
+    agreement with the teacher per position class; for the aligned proxy the mean over seeds,
+    with each seed's own under "aligned_per_seed". Refuses caches whose samples are not in the
     same order, since then a seed would not give every variant the same data order."""
     from transformers import AutoTokenizer
 
     from pkd.toy.diagnose import agreement_by_position, sample_order, weight_separation
 
-    caches = {"aligned": paths.artifact("logits"), "unaligned": paths.artifact("logits-unaligned")}
-    if sample_order(caches["aligned"]) != sample_order(caches["unaligned"]):
-        raise DemoError(f"{caches['aligned']} and {caches['unaligned']} hold different samples or orders: seeds would not pair")
+    unaligned = paths.cache("unaligned", seeds[0])
+    order = sample_order(unaligned)
+    for seed in seeds:
+        for kind in ("aligned", "sampled"):
+            if sample_order(paths.cache(kind, seed)) != order:
+                raise DemoError(f"{paths.cache(kind, seed)} and {unaligned} hold different samples or orders: seeds would not pair")
     tokenizer = AutoTokenizer.from_pretrained(world.tokenizer)
     teacher = paths.artifact("teacher")
-    return {
-        name: {"weights": weight_separation(teacher, cache), "agreement": agreement_by_position(cache, tokenizer)}
-        for name, cache in caches.items()
-    }
+
+    def diagnose(cache: Path) -> dict[str, Any]:
+        return {"weights": weight_separation(teacher, cache), "agreement": agreement_by_position(cache, tokenizer)}
+
+    per_seed = {str(s): diagnose(paths.cache("aligned", s)) for s in seeds}
+    return {"aligned": mean_of(list(per_seed.values())), "unaligned": diagnose(unaligned), "aligned_per_seed": per_seed}
 
 
 def _proxy_adapter(proxy_dir: Path) -> Path:

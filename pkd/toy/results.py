@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pkd.toy.stats import mean_ci, paired_difference
+from pkd.toy.stats import mean_ci, mean_of, paired_difference
 from pkd.toy.variants import VARIANTS
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ def summarize(
         for a, b, label in EFFECTS
     ]
     teacher = scores["teacher"]["all"]
-    before, after = scores["proxy_before"]["all"], scores["proxy_after"]["all"]
+    before = scores["proxy_before"]["all"]
+    after = mean_of([{m: r[m] for m in METRICS} for r in scores["proxy_after"].values()])  # one aligned proxy per seed
     return {
         "mode": "quick" if quick else "full",
         "seeds": list(seeds),
@@ -76,7 +77,8 @@ def summarize(
         "teacher": {m: teacher[m] for m in METRICS},
         "proxy": {
             "before_alignment": {m: before[m] for m in METRICS},
-            "after_alignment": {m: after[m] for m in METRICS},
+            "after_alignment": after,
+            "after_alignment_per_seed": {seed: {m: r[m] for m in METRICS} for seed, r in scores["proxy_after"].items()},
         },
         "variants": variants,
         "paired_effects": effects,
@@ -139,9 +141,9 @@ def results_table(results: dict[str, Any]) -> Group:
         e.add_row(eff["label"], _interval(em, 100, "+.1f"), _interval(nll, 1, "+.3f"), f"{_sign(em['sign'])}/{_sign(nll['sign'])}", wrong)
     e.caption = "exact match in points; sign: of exact match / NLL, n.s. where the interval covers 0; EM, t. wrong: on prompts the teacher got wrong"
     parts.append(e)
-    diag = results.get("diagnostics") or {}
+    diag = {name: d for name, d in (results.get("diagnostics") or {}).items() if name in ("aligned", "unaligned")}
     if diag:
-        parts.append(_diagnostics_table(diag))
+        parts.append(_diagnostics_table(diag, len(results["seeds"])))
     return Group(*parts)
 
 
@@ -153,13 +155,14 @@ def _sign(sign: int) -> str:
     return {1: "+", -1: "−", 0: "n.s."}[sign]
 
 
-def _diagnostics_table(diag: dict[str, Any]) -> Any:
-    """Per cache (aligned / unaligned proxy), one column each: the AUC of ℓ for right vs wrong
-    teacher responses, the weights each group got, and top-1 agreement with the teacher per
-    position class."""
+def _diagnostics_table(diag: dict[str, Any], seeds: int) -> Any:
+    """Per cache (aligned proxy: the mean over its seeds; unaligned proxy), one column each: the
+    AUC of ℓ for right vs wrong teacher responses, the weights each group got, and top-1
+    agreement with the teacher per position class."""
     from rich.table import Table
 
-    t = Table(title="What the logit caches say (distillation set D_s)", title_justify="left")
+    over = f"; aligned: mean over {seeds} alignments" if seeds > 1 else ""
+    t = Table(title=f"What the logit caches say (distillation set D_s{over})", title_justify="left")
     t.add_column("")
     for name in diag:
         t.add_column(f"{name} proxy", justify="right")

@@ -60,3 +60,17 @@ def auc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
         below, upto = bisect.bisect_left(neg, p), bisect.bisect_right(neg, p)
         wins += below + 0.5 * (upto - below)
     return wins / (len(positive) * len(negative))
+
+
+def mean_of(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Field-by-field mean of reports of one shape (nested dicts of numbers), e.g. one cache
+    diagnosis per seed; a field that is None in any report (an AUC with an empty group) is None."""
+
+    def mean(values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            return {k: mean([v[k] for v in values]) for k in values[0] if all(k in v for v in values)}
+        if any(v is None for v in values):
+            return None
+        return statistics.fmean(values)
+
+    return mean(list(reports))

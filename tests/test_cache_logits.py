@@ -40,14 +40,16 @@ SETTINGS = dict(k=K, shard_rows=8, engine="hf", dtype="float32", max_length=256)
 runner = CliRunner()
 
 
-def write_teacher_samples(out: Path, *, n_prompts: int = 60, ratios: tuple[float, float, float] = RATIOS, chats: list[tuple[str, str]] | None = None) -> str:
+def write_teacher_samples(out: Path, *, n_prompts: int = 60, ratios: tuple[float, float, float] = RATIOS, chats: list[tuple[str, str]] | None = None, reverse: bool = False) -> str:
     """A complete teacher-sample folder of `chats` (default: synthetic tasks, every 9th response
-    long, for the max-length policy)."""
+    long, for the max-length policy); `reverse`: the same samples, written in the reverse order
+    (replies that arrived in another order)."""
     folder = Folder(str(out))
     writer = Writer(folder, Manifest(kind="teacher", inputs={"prompts": f"synthetic-{n_prompts}"}, config={"split_ratios": list(ratios)}), [], shard_size=16)
     tasks = synthetic_tasks(n_prompts, seed=3)
     chats = chats or [(q, " ".join([a] * 12) if i % 9 == 0 else a) for i, (q, a) in enumerate(tasks)]
-    for i, (prompt, response) in enumerate(chats):
+    numbered = list(enumerate(chats))
+    for i, (prompt, response) in reversed(numbered) if reverse else numbered:
         pid = f"task-{i:04d}"
         row = {
             "sample_id": f"{pid}#0", "prompt_id": pid, "sample_index": 0, "split": split_of(pid, ratios),
@@ -181,6 +183,24 @@ def test_cache_holds_the_proxy_scores_of_every_distill_sample(root: Path, hf_cac
 def _response(sid: str, rows: dict[str, tuple[str, str]]) -> str:
     i = int(sid[5:9])
     return " ".join([rows[sid][1]] * 12) if i % 9 == 0 else rows[sid][1]
+
+
+def test_rows_follow_the_sample_ids_not_the_order_the_teacher_replied_in(root: Path, hf_cache: str, tmp_path: Path) -> None:
+    """The same samples, arrived in the reverse order, make the same cache: a student's data order
+    (its seed and the cache's rows) must not depend on the teacher's reply timing."""
+    from pkd.teacher.samples import read_teacher_samples
+
+    write_teacher_samples(tmp_path / "teacher", reverse=True)
+    ids = [[s.sample_id for s in read_teacher_samples(Folder(str(d)))[1]] for d in (root / "teacher", tmp_path / "teacher")]
+    assert ids[0] == ids[1][::-1]
+    cfg = CacheLogitsConfig(teacher=str(tmp_path / "teacher"), proxy=str(root / "proxy"), out=str(tmp_path / "cache"), **SETTINGS)
+    run_cache_logits(cfg, RunConfig(), progress=False)
+    again, first = Folder(str(tmp_path / "cache")), Folder(hf_cache)
+    rows = [list(iter_samples(f, f.read_manifest())) for f in (again, first)]
+    assert [s.sample_id for s in rows[0]] == [s.sample_id for s in rows[1]]
+    for a, b in zip(*rows):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.token_logprob, b.token_logprob)
 
 
 def test_rerun_is_a_no_op_and_no_adapter_is_the_unaligned_proxy(root: Path, hf_cache: str) -> None:

@@ -5,8 +5,12 @@ Per sample: the chat's ids (pkd.models.chat), at every response position the pro
 ids/logprobs and the teacher token's logprob, and ℓ, their mean; μ and γ of ℓ over the whole
 cache go into the manifest when the pass ends (LogitCacheWriter.close).
 
-Order and resumption: samples are taken in teacher-folder order, filtered to the split and this
-worker's part, and scored in chunks of `shard_rows` samples, one shard each. A rerun skips the
+Order and resumption: samples are taken in the order of a hash of their ids (ORDER), filtered to
+the split and this worker's part, and scored in chunks of `shard_rows` samples, one shard each.
+Not in teacher-folder order: that is the order the teacher's replies happened to arrive in, so two
+runs over the same samples wrote differently ordered caches, and a student's data order (a
+function of its seed and the cache's row order) was not reproducible; the hash order also starts
+a streaming shuffle from mixed rows when the prompt file is grouped by source. A rerun skips the
 committed samples; committed shards are a prefix of that order, so the remaining chunks are the
 ones an uninterrupted run would score, and after `kill -9` the cache ends up byte for byte the
 same. The vLLM engine scores a merged proxy: the adapter is merged into the base once, into
@@ -50,6 +54,8 @@ FREE_KEYS = frozenset({"teacher", "proxy", "model", "adapter", "student", "out",
 TOKENIZATION = "chat-v1"  # pkd.models.chat's rules: bump when they change what ids a chat gets
 HEADER_FIELDS = ("codec", "vocab_size", "tokenizer_fingerprint", "proxy_fingerprint", "teacher_model", "inputs", "config")
 _PART_SALT = b"pkd-part-v1\0"
+ORDER = "sha256(pkd-order-v1, sample id)"  # the row order, recorded in the manifest: a resume must use the same
+_ORDER_SALT = b"pkd-order-v1\0"
 
 
 @dataclass(frozen=True)
@@ -187,13 +193,18 @@ def teacher_models(folder: Folder, manifest: Manifest) -> str:
     return ",".join(sorted(names))
 
 
+def row_order(sample_id: str) -> bytes:
+    """Sort key of a sample's row: a hash of its id, so the order is fixed by the ids alone."""
+    return hashlib.sha256(_ORDER_SALT + sample_id.encode("utf-8")).digest()
+
+
 def select(samples: Iterable[TeacherSample], cfg: CacheLogitsConfig, tokenizer: Any, done: set[str]) -> tuple[list[Item], Counter[str]]:
-    """This part's samples of the split as chat ids, in folder order, under the max-length
-    policy; committed ones are counted but not returned."""
+    """This part's samples of the split as chat ids, in row order (`row_order`), under the
+    max-length policy; committed ones are counted but not returned."""
     index, parts = cfg.part_index
     counts: Counter[str] = Counter()
     items = []
-    for s in samples:
+    for s in sorted(samples, key=lambda s: row_order(s.sample_id)):
         if s.split != cfg.split or part_of(s.sample_id, parts) != index:
             continue
         counts["samples"] += 1
@@ -298,7 +309,7 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
         check_score_args([], [], cfg.k, cfg.max_logprobs, vocab)  # refuses k > max_logprobs, saying how to raise it
     if context is not None and cfg.max_length > context:
         raise ConfigError(f"[cache_logits] max_length {cfg.max_length} exceeds the proxy's context of {context} tokens: lower --max-length")
-    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in FREE_KEYS} | {"tokenization": TOKENIZATION}
+    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in FREE_KEYS} | {"tokenization": TOKENIZATION, "order": ORDER}
     if cfg.mode == "sampled":
         config["draw_seed"] = run.seed  # the draws depend on it: a resume must use the same
     header = LogitCacheManifest(

@@ -66,6 +66,8 @@ CASES: list[tuple[str, str, str]] = [
     ("proxy-align no model", "proxy-align --teacher {teacher} --set proxy_align.model=''", "no proxy base model"),
     ("proxy-align --out URI", "proxy-align --teacher {teacher} --model {student} --out s3://b/p", "needs a local folder"),
     ("proxy-align model not a model", "proxy-align --teacher {teacher} --model {tmp}/emptydir --out {tmp}/p1", "config.json"),
+    ("proxy-align --out is a file", "proxy-align --teacher {teacher} --model {student} --out {file}", "is a file, not a folder"),
+    ("proxy-align --out under a file", "proxy-align --teacher {teacher} --model {student} --out {file}/sub", "cannot write there"),
     ("proxy-align --beta 0", "proxy-align --beta 0", "'beta'"),
     ("proxy-align --engine foo", "proxy-align --engine foo", "'engine'"),
     # cache-logits
@@ -97,6 +99,8 @@ CASES: list[tuple[str, str, str]] = [
     ("eval samples missing", "eval --model {student} --samples {tmp}/none", "no manifest here"),
     ("eval samples is a cache", "eval --model {student} --samples {cache}", "not teacher samples"),
     ("eval bad regex", "eval --answer-pattern (", "not a regular expression"),
+    ("eval --out is a folder", "eval --model {student} --samples {teacher} --out {tmp}/emptydir", "is a folder, not a report file"),
+    ("eval --out under a file", "eval --model {student} --samples {teacher} --out {file}/r.json", "cannot write there"),
     # pkd cache ...
     ("inspect missing", "cache inspect {tmp}/none", "no manifest here"),
     ("inspect teacher folder", "cache inspect {teacher}", "holds a 'teacher' artifact, not a logit cache"),

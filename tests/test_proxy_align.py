@@ -96,6 +96,8 @@ def test_output_is_a_servable_adapter_with_lineage_and_a_report(aligned: tuple[P
     assert {f.path for f in m.files} >= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "report.json", "report.png", "round-01/samples.jsonl"}
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert vllm_problems(config) == [] and config["r"] == 8
+    # PEFT writes its target set in string-hash order: sorted, one adapter has one fingerprint
+    assert len(config["target_modules"]) > 2 and config["target_modules"] == sorted(config["target_modules"])
     assert not (out / "adapter" / "ref").exists()  # TRL's frozen reference copy is not shipped
     assert json.loads((out / "report.json").read_text())["stages"] == s.report["stages"]
     again = run_proxy_align(recipe_for(tiny_family, root, engine="vllm", merge=False))  # engine may change on a rerun

@@ -124,7 +124,10 @@ def dpo_round(
 
 def save_proxy(model: Any, tokenizer: Any, out: Path) -> None:
     """The adapter alone (LoRA) or the full model, with the tokenizer, as safetensors."""
+    from pkd.models.lora import sort_adapter_targets
+
     model.save_pretrained(str(out), safe_serialization=True)
+    sort_adapter_targets(out)
     tokenizer.save_pretrained(str(out))
 
 

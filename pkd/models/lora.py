@@ -9,6 +9,8 @@ values in `VLLM_LORA_RANKS`. No torch import here: pkd.config validates recipes 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -61,3 +63,17 @@ def vllm_problems(adapter_config: dict[str, Any]) -> list[str]:
     if bad:
         problems.append(f"LoRA on {', '.join(bad)} (vLLM leaves an lm_head LoRA out of prompt logprobs, vllm#51594)")
     return problems
+
+
+def sort_adapter_targets(folder: str | Path) -> None:
+    """Rewrite a saved adapter's `target_modules` sorted. PEFT holds them as a set once the
+    adapter is built and writes them in the process's string-hash order, so two byte-identical
+    adapters had different adapter_config.json files, and so different fingerprints in every
+    cache and report downstream."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return  # a full model, not an adapter
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pkd.config import EvalConfig, RunConfig
-from pkd.errors import ConfigError, InputError
+from pkd.errors import ConfigError, InputError, StorageError
 from pkd.store import Folder
 from pkd.teacher.samples import count_teacher_samples, iter_teacher_samples, open_teacher_samples
 from pkd.models.chat import encode_chat
@@ -80,6 +80,14 @@ def matches(answer: str, reference: str, pattern: re.Pattern[str] | None) -> boo
     return stated is not None and _normalise(stated) == _normalise(reference)
 
 
+def _check_report_path(out: Path) -> None:
+    """Refuse a report path that is a folder or cannot be written, before the model loads and
+    the scoring runs rather than after."""
+    if out.is_dir():
+        raise StorageError(f"--out {out} is a folder, not a report file: give a file path such as {out / 'eval.json'}")
+    Folder(str(out.parent)).check_folder("--out's folder", write=True)
+
+
 def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict[str, Any]:
     """Score `cfg.model` on the teacher samples and, with `cfg.tasks`, on standard benchmarks
     (lm-eval); one report. With tasks, a samples folder that holds no teacher samples is skipped,
@@ -87,6 +95,8 @@ def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict
     if not cfg.model:
         raise ConfigError("[eval] model: no model given (--model DIR)")
     samples = cfg.samples or run.artifact_dir("teacher")
+    if cfg.out:
+        _check_report_path(Path(cfg.out))
     model, tok = load_model(cfg.model, cfg.base)
     report: dict[str, Any] = {"model": cfg.model}
     if not cfg.tasks or Folder(samples).has_manifest():

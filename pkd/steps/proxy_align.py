@@ -187,6 +187,7 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None,
     out_spec = cfg.out or run.artifact_dir("proxy")
     if "://" in out_spec and not out_spec.startswith("file://"):
         raise ConfigError(f"--out {out_spec!r}: proxy-align writes models with transformers and needs a local folder")
+    Folder(out_spec.removeprefix("file://")).check_folder("--out", write=True)  # before models load, not at the warm-up's end
     teacher = Folder(cfg.teacher or run.artifact_dir("teacher"))
     t_manifest, samples = read_teacher_samples(teacher)
     data = split_samples(samples, eval_samples=cfg.eval_samples, seed=seed, where=teacher.uri)

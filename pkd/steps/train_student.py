@@ -20,6 +20,7 @@ from typing import Any
 from pkd.config import RunConfig, TrainStudentConfig, report_to
 from pkd.errors import ConfigError, ManifestError, PkdError
 from pkd.fingerprint import files_fingerprint, sha256_file
+from pkd.models.lora import sort_adapter_targets
 from pkd.models.resolve import resolve_model
 from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
 from pkd.store import Folder
@@ -204,6 +205,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     if result.status == "trained":
         trainer.save_model(str(out / "model"))
         if trainer.is_world_process_zero():
+            sort_adapter_targets(out / "model")
             _write_outputs(out, result, state.log_history, inputs, record, manifest)
     return result
 

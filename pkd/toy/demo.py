@@ -5,15 +5,16 @@ box with a real vLLM OpenAI-compatible server on 127.0.0.1, and runs the four pi
 as a user would — each one a `pkd ...` child process, printed before it runs:
 
     pkd teacher-sample   train prompts -> run/teacher, held-out prompts -> run/teacher-heldout
-    pkd proxy-align      world proxy + run/teacher -> PROXY, once per seed
+    pkd proxy-align      world proxy + run/teacher -> R/proxy, once per seed
     pkd cache-logits     the world proxy without an adapter -> run/logits-unaligned (the
-                         ablation); per seed, its aligned proxy -> LOGITS (top-20) and
-                         LOGITS-sampled (N = 12 draws)
+                         ablation); per seed, its aligned proxy -> R/logits (top-20) and
+                         R/logits-sampled (N = 12 draws)
     pkd train-student    one student per variant and seed -> run/students/VARIANT-seedS
 
-then scores every student (and the proxy before and after alignment) on the held-out teacher
-samples with `pkd.steps.evaluate`, reads what the caches say about the proxy
-(`pkd.toy.diagnose`), and writes `results.json` and `results.png` beside `run/`.
+(R: the seed's replicate folder, run/ for seed 0 and run/seedS/ otherwise; see below), then
+scores every student (and the proxy before and after alignment) on the held-out teacher samples
+with `pkd.steps.evaluate`, reads what the caches say about the proxy (`pkd.toy.diagnose`), and
+writes `results.json` and `results.png` beside `run/`.
 
 A seed is one replicate of everything downstream of the teacher: the proxy's alignment (its
 adapter's initialisation and its own samples), the sampled cache's draws, and the students'

@@ -42,18 +42,17 @@ def lora_config(cfg: ProxyAlignConfig) -> Any:
 
 
 def load_policy(base_dir: str | Path, previous: str | Path | None, cfg: ProxyAlignConfig, seed: int = 0) -> Any:
-    """The proxy to train next: base + previous LoRA adapter (trainable), or previous full weights.
-    A new adapter's A matrices are drawn under `seed` (only the warm-up makes one): Trainer seeds only after the model exists,
-    so without it two runs with one seed align differently (measured: a different proxy each run)."""
+    """The proxy to train next: base + previous LoRA adapter (trainable), or previous full weights;
+    a new adapter (the warm-up's) is initialised under `seed`."""
     if not cfg.lora:
         return load_model(previous or base_dir, cfg.precision)
-    from peft import PeftModel, get_peft_model
-    from transformers import set_seed
+    from peft import PeftModel
+
+    from pkd.models.lora import new_adapter
 
     base = load_model(base_dir, cfg.precision)
     if previous is None:
-        set_seed(seed)
-        return get_peft_model(base, lora_config(cfg))
+        return new_adapter(base, lora_config(cfg), seed)
     return PeftModel.from_pretrained(base, str(previous), is_trainable=True)
 
 

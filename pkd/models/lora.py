@@ -65,6 +65,17 @@ def vllm_problems(adapter_config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def new_adapter(model: Any, lora: Any, seed: int) -> Any:
+    """`model` wrapped in a fresh PEFT adapter (`lora`: a peft LoraConfig) whose A matrices are
+    drawn under `seed`. Trainer seeds only once the model exists, so without this one seed gave a
+    different adapter, and so a different proxy or student, on every run."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
+    return get_peft_model(model, lora)
+
+
 def sort_adapter_targets(folder: str | Path) -> None:
     """Rewrite a saved adapter's `target_modules` sorted. PEFT holds them as a set once the
     adapter is built and writes them in the process's string-hash order, so two byte-identical

@@ -204,9 +204,8 @@ def select(samples: Iterable[TeacherSample], cfg: CacheLogitsConfig, tokenizer: 
     index, parts = cfg.part_index
     counts: Counter[str] = Counter()
     items = []
-    for s in sorted(samples, key=lambda s: row_order(s.sample_id)):
-        if s.split != cfg.split or part_of(s.sample_id, parts) != index:
-            continue
+    mine = [s for s in samples if s.split == cfg.split and part_of(s.sample_id, parts) == index]
+    for s in sorted(mine, key=lambda s: row_order(s.sample_id)):
         counts["samples"] += 1
         chat = encode_chat(tokenizer, s.messages, s.response)
         counts["joined_tokenization"] += chat.joined

@@ -20,7 +20,7 @@ from typing import Any
 from pkd.config import RunConfig, TrainStudentConfig, report_to
 from pkd.errors import ConfigError, ManifestError, PkdError
 from pkd.fingerprint import files_fingerprint, sha256_file
-from pkd.models.lora import sort_adapter_targets
+from pkd.models.lora import new_adapter, sort_adapter_targets
 from pkd.models.resolve import resolve_model
 from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
 from pkd.store import Folder
@@ -224,8 +224,8 @@ def _unwrapped(e: PkdError) -> PkdError:
 def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool, seed: int):
     """The student, wrapped in a LoRA adapter unless full fine-tuning. LoRA on GPU keeps the
     frozen base in bf16; trained weights stay fp32 (Trainer's bf16 autocast does the rest). The
-    adapter is initialised under `seed` (Trainer seeds only once the model exists), so a seed
-    fixes the initialisation as well as the data order."""
+    adapter is initialised under `seed`, so a seed fixes the initialisation as well as the data
+    order."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -233,13 +233,11 @@ def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool, seed:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if not cfg.lora:
         return model
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
+    from peft import LoraConfig
 
     target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target)
-    set_seed(seed)
-    model = get_peft_model(model, lora)
+    model = new_adapter(model, lora, seed)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     return model

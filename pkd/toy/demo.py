@@ -142,7 +142,7 @@ def run_demo(
     timings["total"] = round(time.monotonic() - start, 1)
 
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands, diagnostics=diagnostics)
-    results["cache_bytes_per_token"] = {kind: statistics.fmean(_bytes_per_token(paths.cache(kind, s)) for s in seeds) for kind in CACHE_DIRS}
+    results["cache_bytes_per_token"] = {kind: statistics.fmean(_bytes_per_token(c) for c in {paths.cache(kind, s) for s in seeds}) for kind in CACHE_DIRS}
     results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
     write_results(results, paths.results)
     write_chart(results, paths.chart)

@@ -176,7 +176,19 @@ def proxy_align(
     top_p: Annotated[float | None, typer.Option(help="Proxy nucleus sampling mass.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Proxy response length cap in tokens.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM may take while it samples.")] = None,
-    eval_samples: Annotated[int | None, typer.Option(help="Held-out teacher samples in the report.")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out teacher samples (from D_s) every stage is measured on.")] = None,
+    answer_pattern: Annotated[str | None, typer.Option(help=(
+        "Skill = greedy exact match against the prompts' `reference`: compare the last match of this regex (group 1 if any) "
+        "instead of the whole answer, e.g. '#### (\\S+)' for GSM8K."
+    ))] = None,
+    eval_tasks: Annotated[str | None, typer.Option(help="lm-eval tasks measured after every stage too, comma-separated (pip install 'pkd[eval]').")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="--eval-tasks: first N documents per task.")] = None,
+    select: Annotated[str | None, typer.Option(help=(
+        "Which stage is the output proxy: best (lowest held-out teacher NLL among the stages whose skill stays within "
+        "--max-skill-drop of the base proxy's) or last (the last round, as in the paper)."
+    ))] = None,
+    max_skill_drop: Annotated[float | None, typer.Option(help="--select best: skill points (exact match %, or mean lm-eval score %) a stage may lose against the base proxy.")] = None,
+    nll_weight: Annotated[float | None, typer.Option(help="Weight of NLL(teacher response) beside the DPO term in each round (1: the paper's sum).")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
     logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
@@ -198,7 +210,8 @@ def proxy_align(
         per_device_batch_size=batch_size, grad_accum=grad_accum, warmup_epochs=warmup_epochs, epochs=epochs, max_length=max_length,
         rounds=rounds, chunk_size=chunk_size, beta=beta, engine=engine, sample_merged=sample_merged, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
-        precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
+        answer_pattern=answer_pattern, eval_tasks=eval_tasks, eval_limit=eval_limit, select=select, max_skill_drop=max_skill_drop,
+        nll_weight=nll_weight, precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
         report_to=report_to,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "proxy_align", flags)
@@ -208,6 +221,10 @@ def proxy_align(
         console.print_json(json.dumps(s.report))
         return
     console.print(table(s.report))
+    chosen = s.report["selection"]
+    console.print(f"selected {chosen['stage']}: {escape(chosen['reason'])}", highlight=False)
+    if s.skill_warning:
+        console.print(f"[yellow]warning: the aligned proxy lost task skill: {escape(s.skill_warning)}[/]", highlight=False)
     ran = ", ".join(s.ran) or "nothing (all stages were done)"
     console.print(f"[green]aligned[/] {s.report['final']} (report.json, report.png beside it); ran {ran} in {s.elapsed_s:.1f} s")
 
@@ -255,6 +272,8 @@ def cache_logits(
     r = resolve_recipe(recipe, assign, "cache_logits", flags)
     with step_console("cache-logits", r.cache_logits.out or default_out(r.run, *r.cache_logits.part_index), verbose=verbose):
         s = run_cache_logits(r.cache_logits, r.run)
+    if s.proxy_stage:
+        _print_proxy_stage(s.proxy_stage)
     m = s.manifest
     if not s.scored:
         console.print(f"[green]nothing to do[/] {s.out}: the cache is complete ({m.rows:,} samples, {m.tokens:,} tokens)")
@@ -277,6 +296,19 @@ def cache_logits(
     console.print(t)
 
 
+def _print_proxy_stage(stage: dict[str, Any]) -> None:
+    """Which proxy-align stage the cache is scored with, its held-out figures against the base
+    proxy's, and a yellow line when it lost more skill than proxy-align allowed."""
+
+    def figures(prefix: str) -> str:
+        em = stage.get(prefix + "exact_match")
+        return f"NLL/token {stage[prefix + 'nll_per_token']:.4f}, top-1 {stage[prefix + 'top1_agreement']:.3f}" + ("" if em is None else f", exact match {em:.1%}")
+
+    console.print(f"proxy: {stage['stage']} ({figures('')}; base proxy: {figures('base_')})", highlight=False)
+    if stage.get("skill_kept") is False:
+        console.print(f"[yellow]warning: this proxy lost task skill in alignment: {escape(stage['reason'])}[/]", highlight=False)
+
+
 # pkd train-student ------------------------------------------------------------------------------
 
 
@@ -290,6 +322,10 @@ def train_student(
     tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket on both sides) or 'renorm' (the proxy's top-k renormalised, against the student's full-vocabulary log-probs).")] = None,
     temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).")] = None,
     uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="Every w = the cache's mean σ((ℓ − μ)/γ) instead of its own: same α·E(w), no spread.")] = None,
+    weight_ce: Annotated[bool | None, typer.Option("--weight-ce/--no-weight-ce", help=(
+        "Weight the CE term by the sample weight too, as w / w̄ (w̄: the cache's token-weighted mean w, so CE keeps its scale "
+        "on average): a wrong teacher response is then learnt less through CE as well as KD. Beyond the paper (off: its loss)."
+    ))] = None,
     lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
@@ -313,7 +349,7 @@ def train_student(
     from pkd.steps.train_student import train_student as run_train_student
 
     flags = dict(
-        cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights,
+        cache=cache, student=student, out=out, alpha=alpha, tail=tail, temperature=temperature, uniform_weights=uniform_weights, weight_ce=weight_ce,
         lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
         epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
         dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed, report_to=report_to,

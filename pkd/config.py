@@ -87,6 +87,16 @@ def _names_list(v: str | list[str] | None) -> list[str] | None:
     return v
 
 
+def _compiles(v: str | None) -> str | None:
+    """An `answer_pattern` must be a regular expression."""
+    if v is not None:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+    return v
+
+
 def report_to(names: list[str] | None, key: str) -> list[str]:
     """Trackers for Trainer's `report_to`: any integration transformers supports (none, tensorboard,
     wandb, mlflow, trackio, ...), checked here so that a typo or a missing package is one line
@@ -119,6 +129,7 @@ class TrainStudentConfig(Section):
     tail: Literal["tail", "renorm"] = "tail"  # mass outside the cached top-k
     temperature: float = Field(default=1.0, gt=0.0)
     uniform_weights: bool = False  # every w = the cache's mean σ((ℓ − μ)/γ): keeps α·E[w]
+    weight_ce: bool = False  # weight CE by w / w̄ too (w̄: the cache's token-weighted mean w, so CE keeps its scale); beyond the paper
     lora: bool = True  # LoRA adapter (peft) or full fine-tuning
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
@@ -171,16 +182,7 @@ class EvalConfig(Section):
     out: str | None = None  # report JSON path (default: print only)
 
     split_tasks = field_validator("tasks", mode="before")(_names_list)
-
-    @field_validator("answer_pattern")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a regular expression: {e}") from None
-        return v
+    check_answer_pattern = field_validator("answer_pattern")(_compiles)
 
 
 class ProxyAlignConfig(Section):
@@ -216,7 +218,19 @@ class ProxyAlignConfig(Section):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=256, ge=1)
     gpu_memory_utilization: float = Field(default=0.85, gt=0.0, le=1.0)  # vLLM, in its own process
-    eval_samples: int = Field(default=64, ge=0)  # held-out teacher samples for the report
+    eval_samples: int = Field(default=64, ge=0)  # held-out teacher samples (from D_s) every stage is measured on
+    # Task skill per stage: greedy exact match against the held-out prompts' `reference` (where
+    # they carry one), the answer extracted as `pkd eval` does (answer_pattern: the last match,
+    # group 1 if any; None: the whole response); optionally lm-eval tasks too.
+    answer_pattern: str | None = None
+    eval_tasks: list[str] | None = None  # lm-eval task names measured after every stage (the `eval` extra)
+    eval_limit: int | None = Field(default=None, ge=1)  # lm-eval: first N documents per task
+    # Which stage becomes the output: "best" = the lowest held-out teacher NLL among the stages
+    # (warm-up, rounds) whose skill is within max_skill_drop points of the base proxy's; "last" =
+    # the last round, as the paper does.
+    select: Literal["best", "last"] = "best"
+    max_skill_drop: float = Field(default=5.0, ge=0.0, le=100.0)  # percentage points
+    nll_weight: float = Field(default=1.0, ge=0.0)  # weight of NLL(y|x) beside L_pref in each round (1: the paper's sum)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     logging_steps: int = Field(default=10, ge=1)
@@ -225,6 +239,8 @@ class ProxyAlignConfig(Section):
     seed: int | None = None  # default: [run] seed
 
     split_report_to = field_validator("report_to", mode="before")(_names_list)
+    split_eval_tasks = field_validator("eval_tasks", mode="before")(_names_list)
+    check_answer_pattern = field_validator("answer_pattern")(_compiles)
 
     @field_validator("lora_r")
     @classmethod

@@ -16,7 +16,8 @@ from pkd.cli import app
 from pkd.config import EvalConfig, RunConfig, TrainStudentConfig
 from pkd.records import FileEntry, Manifest
 from pkd.teacher.splits import split_of
-from pkd.steps.evaluate import encode, evaluate, matches, stated_answer
+from pkd.answers import matches, stated_answer
+from pkd.steps.evaluate import encode, evaluate
 from pkd.steps.teacher_sample import sample_schema
 from pkd.steps.train_student import train_student
 from pkd.store import Folder

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "pkd"
-CORE = {"config", "console", "errors", "progress", "records", "store", "fingerprint"}
+CORE = {"answers", "config", "console", "errors", "progress", "records", "store", "fingerprint"}
 HEAVY = {"torch", "transformers", "vllm", "openai", "trl", "peft", "accelerate", "datasets"}
 
 

@@ -11,11 +11,11 @@ import torch
 from pkd.student.losses import IGNORE_INDEX, proxy_kd_loss, sample_weights
 
 
-def dense_reference(logits, shift_labels, proxy_logp, weights, k, *, alpha, tail, tau):
+def dense_reference(logits, shift_labels, proxy_logp, weights, k, *, alpha, tail, tau, ce_weights=None):
     """Plain autograd over the full vocabulary: the proxy's full distribution truncated to its
     top-k (+ rest bucket: tail) and the student's full softmax aggregated into the same buckets;
     or (renorm) the proxy's top-k renormalised against the student's tempered full softmax at
-    those ids."""
+    those ids. `ce_weights` (B,) weights each sample's NLL (--weight-ce)."""
     B, L, V = logits.shape
     logq = torch.log_softmax(logits.double(), -1)  # (B, L, V)
     logq_t = torch.log_softmax(logits.double() / tau, -1)  # (B, L, V)
@@ -38,7 +38,8 @@ def dense_reference(logits, shift_labels, proxy_logp, weights, k, *, alpha, tail
             else:
                 log_p, log_s = torch.log_softmax(lp / tau, 0), logq_t[b, t, ids]
             kl = tau * tau * (log_p.exp() * (log_p - log_s)).sum()
-            total = total + (-logq[b, t, y]) + alpha * weights[b] * kl
+            ce = 1.0 if ce_weights is None else ce_weights[b]
+            total = total + ce * (-logq[b, t, y]) + alpha * weights[b] * kl
     return total
 
 
@@ -163,3 +164,39 @@ def test_sample_weights():
     ell = torch.tensor([-2.0, -1.0, 0.0])
     torch.testing.assert_close(sample_weights(ell, -1.0, 1.0), torch.sigmoid(torch.tensor([-1.0, 0.0, 1.0])))
     torch.testing.assert_close(sample_weights(ell, -1.0, 0.0), torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("tail", ["tail", "renorm"])
+@pytest.mark.parametrize(("alpha", "tau"), [(0.7, 1.0), (0.7, 2.0), (0.0, 1.0)])
+def test_weight_ce_matches_dense_reference_value_and_gradient(tail, alpha, tau):
+    """--weight-ce: Σ a_b·NLL + α·w_b·τ²·KL with a_b = w_b / w̄, value and gradient, and the fused
+    path (no logits) equal to it."""
+    from pkd.student.losses import fused_proxy_kd_loss
+
+    logits, labels, ids, lp, w, proxy_logp = make_case(seed=4)
+    ce = w / 0.37
+    x = logits.clone().requires_grad_(True)
+    out = proxy_kd_loss(x, labels, ids, lp, w, alpha=alpha, tail=tail, temperature=tau, chunk_rows=3, ce_weights=ce)
+    out.loss.backward()
+    ref_x = logits.clone().requires_grad_(True)
+    ref = dense_reference(ref_x, labels, proxy_logp.float(), w, ids.shape[-1], alpha=alpha, tail=tail, tau=tau, ce_weights=ce)
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-6, atol=1e-9)
+    plain = proxy_kd_loss(logits, labels, ids, lp, w, alpha=alpha, tail=tail, temperature=tau)
+    assert out.nll.item() == pytest.approx(plain.nll.item())  # the logged CE stays unweighted
+    assert out.loss.item() != pytest.approx(plain.loss.item())  # and the weighting did change the loss
+
+    g = torch.Generator().manual_seed(5)
+    B, L, d = logits.shape[0], logits.shape[1], 8
+    hidden = torch.randn(B, L, d, generator=g, dtype=torch.float64)
+    head = torch.randn(logits.shape[2], d, generator=g, dtype=torch.float64)
+    h1, w1 = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
+    fused = fused_proxy_kd_loss(h1, w1, labels, ids, lp, w, alpha=alpha, tail=tail, temperature=tau, chunk_rows=3, ce_weights=ce)
+    fused.loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
+    dense = dense_reference(h2 @ w2.T, labels, proxy_logp.float(), w, ids.shape[-1], alpha=alpha, tail=tail, tau=tau, ce_weights=ce)
+    dense.backward()
+    assert fused.loss.item() == pytest.approx(dense.item(), rel=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-9)

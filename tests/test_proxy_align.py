@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pkd.align.data import preference_pairs, split_samples
 from pkd.align.sample import merges_adapter
+from pkd.align.select import choose_stage, skill_of
 from pkd.teacher.samples import TeacherSample, read_teacher_samples
 from pkd.models.lora import vllm_problems
 from pkd.cli import app
@@ -36,8 +37,11 @@ from pkd.models.chat import encode_chat
 RATIOS = (0.4, 0.4, 0.2)
 
 
-def write_teacher_samples(out: Path, *, n_prompts: int = 100, per_prompt: int = 1, ratios: tuple[float, float, float] = RATIOS, seed: int = 0) -> Path:
-    """A complete teacher-sample folder whose "teacher" answers every synthetic task exactly."""
+def write_teacher_samples(
+    out: Path, *, n_prompts: int = 100, per_prompt: int = 1, ratios: tuple[float, float, float] = RATIOS, seed: int = 0, references: bool = True
+) -> Path:
+    """A complete teacher-sample folder whose "teacher" answers every synthetic task exactly
+    (the prompts carry the answer as their `reference` unless `references` is off)."""
     folder = Folder(str(out))
     manifest = Manifest(kind="teacher", inputs={"prompts": f"synthetic-{n_prompts}-{seed}"}, config={"split_ratios": list(ratios)})
     writer = Writer(folder, manifest, [], shard_size=64)
@@ -46,7 +50,7 @@ def write_teacher_samples(out: Path, *, n_prompts: int = 100, per_prompt: int = 
         rows = [{
             "sample_id": f"{pid}#{j}", "prompt_id": pid, "sample_index": j, "split": split_of(pid, ratios),
             "messages": [{"role": "user", "content": prompt}], "response": answer, "finish_reason": "stop",
-            "usage": None, "latency_s": 0.0, "teacher": "tiny-exact", "reference": answer, "logprobs": None,
+            "usage": None, "latency_s": 0.0, "teacher": "tiny-exact", "reference": answer if references else None, "logprobs": None,
         } for j in range(per_prompt)]  # fmt: skip
         writer.add(Outcome(rows=rows, ledger={"prompt_id": pid, "status": "ok", "samples": per_prompt, "attempts": 1}))
     writer.flush(complete=True)
@@ -91,7 +95,7 @@ def test_output_is_a_servable_adapter_with_lineage_and_a_report(aligned: tuple[P
     root, s = aligned
     out = root / "proxy"
     m = Folder(str(out)).read_manifest()
-    assert m.kind == "proxy" and m.complete and m.counts == {"warmup": 1, "rounds_sampled": 1, "rounds_done": 1}
+    assert m.kind == "proxy" and m.complete and m.counts == {"warmup": 1, "rounds_sampled": 1, "rounds_done": 1, "selected": m.counts["selected"]}
     assert set(m.inputs) == {"teacher", "proxy_base"} and m.config["beta"] == 0.1
     assert {f.path for f in m.files} >= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "report.json", "report.png", "round-01/samples.jsonl"}
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -111,6 +115,76 @@ def test_one_seed_aligns_bit_for_bit_the_same(aligned: tuple[Path, Summary], tin
     run_proxy_align(recipe_for(tiny_family, root, out=str(tmp_path / "again")))
     weights = "adapter/adapter_model.safetensors"
     assert (root / "proxy" / weights).read_bytes() == (tmp_path / "again" / weights).read_bytes()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_every_stage_is_measured_and_the_selected_stage_is_the_output(aligned: tuple[Path, Summary], tiny_family: TinyFamily) -> None:
+    """Base, warm-up and each round carry held-out NLL, top-1 and exact match against the prompts'
+    references; the output adapter is the selected stage's, and a rerun with --select last
+    re-selects without training anything."""
+    root, s = aligned
+    out = root / "proxy"
+    assert [st["stage"] for st in s.report["stages"]] == ["base", "warmup", "round-01"]
+    for st in s.report["stages"]:
+        assert st["exact_match_rows"] == s.report["heldout"]["exact_match_rows"] == s.report["heldout"]["samples"] > 0
+        assert 0.0 <= st["exact_match"] <= 1.0 and st["nll_per_token"] > 0 and 0.0 <= st["top1_agreement"] <= 1.0
+    chosen = s.report["selection"]
+    assert chosen["select"] == "best" and chosen["max_skill_drop"] == 5.0 and chosen["skill_kept"] is True
+    trained = [st for st in s.report["stages"][1:]]
+    assert chosen["stage"] == min(trained, key=lambda st: st["nll_per_token"])["stage"]  # every stage kept the (tiny) skill
+    assert _files(out / "adapter") == _files(out / chosen["stage"] / "model")
+    m = Folder(str(out)).read_manifest()
+    assert m.counts["selected"] == (0 if chosen["stage"] == "warmup" else 1)
+
+    last = run_proxy_align(recipe_for(tiny_family, root, select="last"))
+    assert last.ran == [] and last.report["selection"]["stage"] == "round-01" and "--select last" in last.report["selection"]["reason"]
+    assert _files(out / "adapter") == _files(out / "round-01" / "model")
+    assert Folder(str(out)).read_manifest().counts["selected"] == 1
+    run_proxy_align(recipe_for(tiny_family, root))  # back to best: the same adapter as the first run
+    assert _files(out / "adapter") == _files(out / chosen["stage"] / "model")
+
+
+def _row(stage: str, nll: float, em: float | None) -> dict[str, Any]:
+    return {"stage": stage, "nll_per_token": nll, "top1_agreement": 0.5, "exact_match": em}
+
+
+def test_a_stage_that_loses_skill_is_not_selected() -> None:
+    """The lowest-NLL stage lost 60 points of exact match: best keeps the lowest NLL among the
+    stages within --max-skill-drop of the base; if none is, the lowest NLL, flagged."""
+    stages = [_row("base", 2.0, 0.98), _row("warmup", 0.30, 0.38), _row("round-01", 0.45, 0.95), _row("round-02", 0.40, 0.91)]
+    best = choose_stage(stages, "best", 5.0)
+    assert (best.stage, best.index, best.skill_kept) == ("round-01", 1, True)
+    assert "skill >= 93.0" in best.reason and "NLL 0.4500" in best.reason
+    assert choose_stage(stages, "best", 10.0).stage == "round-02"  # 91 ≥ 98 − 10: now the lowest NLL within bound
+    last = choose_stage(stages, "last", 5.0)
+    assert (last.stage, last.index, last.skill_kept) == ("round-02", 2, None)
+    lost = choose_stage([_row("base", 2.0, 0.98), _row("warmup", 0.3, 0.2), _row("round-01", 0.35, 0.4)], "best", 5.0)
+    assert (lost.stage, lost.skill_kept) == ("warmup", False)
+    assert "every stage lost more than 5 points" in lost.reason and "warmup 20.0; round-01 40.0" in lost.reason
+    unmeasured = choose_stage([_row("base", 2.0, None), _row("warmup", 0.5, None), _row("round-01", 0.4, None)], "best", 5.0)
+    assert (unmeasured.stage, unmeasured.skill_kept) == ("round-01", None) and "not measured" in unmeasured.reason
+    lm_eval = {"tasks": {"arc_easy": {"acc,none": 0.6}, "piqa": {"acc,none": 0.7}}}
+    assert skill_of({"exact_match": None, "benchmarks": lm_eval}) == pytest.approx(65.0)
+
+
+def test_prompts_without_references_still_align(tiny_family: TinyFamily, tmp_path: Path) -> None:
+    """No reference, no eval tasks: skill is not measured, the report says so, best = lowest NLL."""
+    write_teacher_samples(tmp_path / "teacher", n_prompts=40, references=False)
+    s = run_proxy_align(recipe_for(tiny_family, tmp_path, rounds=0, warmup_epochs=1))
+    assert all(st["exact_match"] is None and st["exact_match_rows"] == 0 for st in s.report["stages"])
+    assert s.report["selection"]["stage"] == "warmup" and s.report["selection"]["skill_kept"] is None
+    assert "not measured" in s.report["selection"]["reason"] and s.skill_warning is None
+    assert (tmp_path / "proxy" / "report.png").is_file()
+
+
+def test_help_shows_the_selection_options() -> None:
+    text = CliRunner().invoke(app, ["proxy-align", "--help"], env={"COLUMNS": "200"}).output
+    for option in ("--select", "--max-skill-drop", "--eval-tasks", "--answer-pattern", "--nll-weight"):
+        assert option in text
+    assert "--weight-ce" in CliRunner().invoke(app, ["train-student", "--help"], env={"COLUMNS": "200"}).output
 
 
 def test_pairs_drop_equal_texts_and_chunks_wrap_around() -> None:

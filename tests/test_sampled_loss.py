@@ -110,6 +110,33 @@ def test_loss_matches_autograd_of_nll_plus_weighted_kl() -> None:
     torch.testing.assert_close(out.loss, 0.1 * (nll.detach() + (coef * kl).sum()))
 
 
+def test_weight_ce_weights_the_nll_of_each_sample() -> None:
+    """--weight-ce on a sampled cache: value and gradient of Σ a_b·nll + α·w_b·kl."""
+    rng = np.random.default_rng(4)
+    B, L, n = 2, 5, 4
+    p = rng.dirichlet(np.ones(V))
+    ids, lp, counts = (t.reshape(B, L, n) for t in _draw(rng, p, B * L, n))
+    logits = torch.from_numpy(rng.normal(size=(B, L, V))).requires_grad_()
+    labels = torch.from_numpy(rng.integers(0, V, size=(B, L)))
+    labels[1, 3:] = IGNORE_INDEX
+    w = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    ce_w = w / 0.55
+    out = sampled_kd_loss(logits, labels, ids, lp, counts, w, alpha=0.7, chunk_rows=3, ce_weights=ce_w)
+    out.loss.backward()
+    mine = logits.grad.clone()
+    logits.grad = None
+    mask = labels != IGNORE_INDEX
+    nll_rows = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="none")
+    a = ce_w[:, None].expand(B, L)[mask]
+    kl, _ = rs_kd_chunk(logits[mask].detach(), ids[mask], lp[mask], counts[mask], torch.ones(int(mask.sum()), dtype=torch.float64), need_grad=False)
+    share = torch.softmax(torch.where(counts[mask] > 0, counts[mask].double().log(), float("-inf")), -1)
+    cross = -(share * torch.log_softmax(logits[mask], -1).gather(1, ids[mask])).sum(-1)
+    coef = 0.7 * w[:, None].expand(B, L)[mask]
+    ((a * nll_rows).sum() + (coef * cross).sum()).backward()
+    torch.testing.assert_close(mine, logits.grad)
+    torch.testing.assert_close(out.loss, (a * nll_rows).sum().detach() + (coef * kl).sum())
+
+
 def test_student_trained_from_a_sampled_cache_approaches_the_distribution() -> None:
     """Free student logits per context, trained on RS-KD alone (α·KL, no NLL signal beyond it)
     from a cache written and read back by the sampled codec, end up near the proxy's p."""

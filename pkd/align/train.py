@@ -11,6 +11,7 @@ previous round's weights) is the reference, precomputed the same way.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,21 @@ def _losses(history: list[dict[str, Any]], key: str) -> list[float]:
     return [h[key] for h in history if key in h]
 
 
-def warmup_sft(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path, *, progress: bool = False) -> dict[str, Any]:
+Measure = Callable[[Any], dict[str, Any]]
+
+
+def _log_heldout(trainer: Any, prefix: str, figures: dict[str, Any]) -> None:
+    """Held-out figures of a stage to the trackers, beside the Trainer's own logs."""
+    trainer.log({f"{prefix}/{k}": float(v) for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+
+
+def warmup_sft(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path, *,
+    progress: bool = False, base: dict[str, Any] | None = None, measure: Measure | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """SFT on teacher responses: prompt/completion rows, loss on the completion (the assistant
-    turn) only. Returns training stats. Trackers (`report_to`) log under scratch/runs/."""
+    turn) only. Returns training stats, and under "heldout" what `measure` says of the trained
+    model; trackers (`report_to`, under scratch/runs/) get the base model's figures (`base`) and those."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -90,18 +103,29 @@ def warmup_sft(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: Prox
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks("warmup", progress))
     start = time.monotonic()
     out = trainer.train()
-    return {"steps": out.global_step, "train_loss": out.training_loss, "loss_curve": _losses(trainer.state.log_history, "loss"), "train_s": time.monotonic() - start}
+    stats = {"steps": out.global_step, "train_loss": out.training_loss, "loss_curve": _losses(trainer.state.log_history, "loss"), "train_s": time.monotonic() - start}
+    if base is not None:
+        _log_heldout(trainer, "heldout_base", base)
+    if measure is not None:
+        stats["heldout"] = measure(model)
+        _log_heldout(trainer, "heldout", stats["heldout"])
+    return stats
 
 
 def dpo_round(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path, *, stage: str = "round", progress: bool = False
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Minimise NLL(y|x) + L_pref over the pairs, the reference precomputed with the model as it
-    is now. Returns the tokenized rows with their `ref_*_logps` and training stats."""
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: ProxyAlignConfig, seed: int, scratch: Path, *,
+    stage: str = "round", progress: bool = False, measure: Measure | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """Minimise L_pref + nll_weight · NLL(y|x) over the pairs, the reference precomputed with the
+    model as it is now. Returns the tokenized rows with their `ref_*_logps` and training stats
+    (with "heldout": what `measure` says of the trained model, also sent to the trackers)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(**_args(cfg, scratch, seed, cfg.epochs), beta=cfg.beta, loss_type=["sigmoid", "sft"], precompute_ref_log_probs=True)
+    args = DPOConfig(
+        **_args(cfg, scratch, seed, cfg.epochs), beta=cfg.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, cfg.nll_weight],
+        precompute_ref_log_probs=True,
+    )  # fmt: skip
     start = time.monotonic()
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks(stage, progress))
     ref_s = time.monotonic() - start  # tokenization + the reference forward over every pair
@@ -114,6 +138,9 @@ def dpo_round(
         "train_reward_margin": _losses(history, "rewards/margins"), "train_reward_accuracy": _losses(history, "rewards/accuracies"),
         "ref_s": ref_s, "train_s": train_s,
     }  # fmt: skip
+    if measure is not None:
+        stats["heldout"] = measure(model)
+        _log_heldout(trainer, "heldout", stats["heldout"])
     columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
     tokenized = trainer.train_dataset.select_columns(columns).to_list()
     if cfg.lora:  # the frozen copy has served its purpose; keep only the trained adapter

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -223,6 +223,30 @@ def teacher_forced_metrics(
         hits += int((r.topk_ids[:, 0] == np.asarray(seq[start:])).sum())
         tokens += len(r.token_logprobs)
     return {"nll_per_token": nll / max(tokens, 1), "top1_agreement": hits / max(tokens, 1), "tokens": tokens, "samples": len(sequences)}
+
+
+def greedy_answers(model: PreTrainedModel | PeftModel, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch_size: int = 64) -> list[str]:
+    """Greedy answers to tokenised prompts (left-padded batches), decoded without special tokens:
+    what exact match (`pkd eval`, proxy-align's skill) compares with a reference."""
+    import torch
+
+    pad = tokenizer.pad_token_id or 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch])  # (B, width)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _score_batch(

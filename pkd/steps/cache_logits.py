@@ -65,6 +65,7 @@ class Proxy:
     model_dir: Path
     adapter_dir: Path | None
     inputs: dict[str, str]  # lineage: proxy_model (and proxy_adapter) content fingerprints
+    stage: dict[str, Any] | None = None  # from a proxy-align folder: the selected stage's held-out figures and why
 
     @property
     def fingerprint(self) -> str:
@@ -86,6 +87,7 @@ class Summary:
     manifest: LogitCacheManifest
     counts: dict[str, int]  # selection: samples of the split and part, truncated, skipped_*
     engine: str = ""  # the engine that ran; "" when there was nothing to score
+    proxy_stage: dict[str, Any] | None = None  # the proxy-align stage scored with (Proxy.stage)
     scored: int = 0  # samples scored by this invocation
     tokens: int = 0  # response tokens scored by this invocation
     score_s: float = 0.0  # seconds inside the engine
@@ -114,7 +116,7 @@ def resolve_proxy(cfg: CacheLogitsConfig, run: RunConfig) -> Proxy:
     """Base + adapter from a proxy-align folder's manifest, or from --model / --adapter."""
     model = Path(cfg.model) if cfg.model else None
     adapter = Path(cfg.adapter) if cfg.adapter else None
-    recorded_base = None
+    recorded_base, stage = None, None
     if cfg.proxy or not (model or adapter):
         root = Path((cfg.proxy or run.artifact_dir("proxy")).removeprefix("file://"))
         m = Folder(str(root)).read_manifest()
@@ -122,6 +124,8 @@ def resolve_proxy(cfg: CacheLogitsConfig, run: RunConfig) -> Proxy:
             raise InputError(f"{root} holds a {m.kind!r} artifact, not a proxy (the output of `pkd proxy-align`); or pass --model/--adapter")
         if not m.complete:
             raise InputError(f"{root}: proxy alignment has not finished (manifest says complete=false); rerun `pkd proxy-align` to finish it first")
+        if not cfg.adapter and not cfg.no_adapter:
+            stage = selected_stage(root)
         if m.config.get("lora", True):
             adapter = adapter or root / "adapter"
             model = model or Path(str(m.config.get("model")))  # as given to proxy-align: a folder or a hub id
@@ -146,7 +150,21 @@ def resolve_proxy(cfg: CacheLogitsConfig, run: RunConfig) -> Proxy:
                 f"the proxy model at {model} is not the base the adapter {adapter} was trained on (fingerprint "
                 f"{inputs['proxy_model']} now, {recorded_base} in the proxy manifest): pass the right base with --model"
             )
-    return Proxy(model, adapter, inputs)
+    return Proxy(model, adapter, inputs, stage)
+
+
+def selected_stage(root: Path) -> dict[str, Any] | None:
+    """The stage proxy-align selected as its output, with its held-out figures (None for a folder
+    written before proxy-align selected stages)."""
+    report = root / "report.json"
+    if not report.is_file():
+        return None
+    data = json.loads(report.read_text())
+    if "selection" not in data:
+        return None
+    figures = next(s for s in data["stages"] if s["stage"] == data["selection"]["stage"])
+    keys = ("nll_per_token", "top1_agreement", "exact_match")
+    return data["selection"] | {k: figures.get(k) for k in keys} | {"base_" + k: data["stages"][0].get(k) for k in keys}
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
@@ -327,14 +345,14 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
     existing = open_existing(folder, header)
     if existing is not None and existing.complete:
         counts = {k: v for k, v in existing.counts.items() if k not in ("rows", "tokens")}
-        return Summary(folder.uri, existing, counts, elapsed_s=time.monotonic() - start)
+        return Summary(folder.uri, existing, counts, elapsed_s=time.monotonic() - start, proxy_stage=proxy.stage)
 
     folder.check_folder("--out", write=True)  # before the proxy loads, not at the first shard
     writer = LogitCacheWriter(folder, header, shard_rows=cfg.shard_rows, part=index)
     done = writer.committed_ids()
     todo, counts = select(samples, cfg, tokenizer, done)
     del samples
-    summary = Summary(folder.uri, writer.manifest, dict(counts))
+    summary = Summary(folder.uri, writer.manifest, dict(counts), proxy_stage=proxy.stage)
     if todo:
         # sampled caches draw from exact logits: transformers only (vLLM is refused at validation)
         kind, model_dir, adapter_dir = scoring_model(proxy, "hf" if cfg.mode == "sampled" else cfg.engine, out)

@@ -26,6 +26,7 @@ from pkd.errors import ConfigError, InputError, StorageError
 from pkd.store import Folder
 from pkd.teacher.samples import count_teacher_samples, iter_teacher_samples, open_teacher_samples
 from pkd.models.chat import encode_chat
+from pkd.answers import matches
 
 
 def load_model(path: str, base: str | None):
@@ -56,28 +57,6 @@ def encode(tokenizer, messages: list[dict[str, str]], response: str, max_length:
     response starts."""
     chat = encode_chat(tokenizer, messages, response)
     return chat.ids[:max_length], chat.response_start
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def stated_answer(text: str, pattern: re.Pattern[str] | None) -> str | None:
-    """The part of a response exact match compares: all of it, or the last `pattern` match
-    (its first group when it has one); None when the pattern finds nothing."""
-    if pattern is None:
-        return text
-    found = list(pattern.finditer(text))
-    if not found:
-        return None
-    m = found[-1]
-    return m.group(1) if pattern.groups else m.group(0)
-
-
-def matches(answer: str, reference: str, pattern: re.Pattern[str] | None) -> bool:
-    """Exact match: the stated answer equals the reference up to whitespace and case."""
-    stated = stated_answer(answer, pattern)
-    return stated is not None and _normalise(stated) == _normalise(reference)
 
 
 def _check_report_path(out: Path) -> None:
@@ -118,7 +97,7 @@ def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict
 
 def _teacher_metrics(cfg: EvalConfig, model: Any, tok: Any, samples: str, progress: bool) -> dict[str, Any]:
     """NLL per token, top-1 agreement and exact match on the teacher's samples."""
-    from pkd.engines.hf import teacher_forced_metrics
+    from pkd.engines.hf import greedy_answers, teacher_forced_metrics
     from pkd.progress import StepProgress
 
     pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
@@ -140,7 +119,7 @@ def _teacher_metrics(cfg: EvalConfig, model: Any, tok: Any, samples: str, progre
             with_ref = [(r, ids[:start]) for r, (ids, start) in zip(batch, encoded) if r.reference]
             if with_ref:
                 em_rows += len(with_ref)
-                em_hits += sum(matches(a, r.reference, pattern) for (r, _), a in zip(with_ref, _generate(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
+                em_hits += sum(matches(a, r.reference, pattern) for (r, _), a in zip(with_ref, greedy_answers(model, tok, [p for _, p in with_ref], cfg.max_new_tokens)))
             bar.update(done=len(batch), tokens=m["tokens"])
     if not rows:
         raise InputError(f"{samples}: no samples in split {cfg.split!r}")
@@ -156,17 +135,3 @@ def _teacher_metrics(cfg: EvalConfig, model: Any, tok: Any, samples: str, progre
         "exact_match_rows": em_rows,
         "answer_pattern": cfg.answer_pattern,
     }
-
-
-def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy answers to tokenised prompts (left-padded batch), decoded without special tokens."""
-    import torch
-
-    L = max(map(len, prompts))
-    pad = tok.pad_token_id or 0
-    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return tok.batch_decode(out[:, L:], skip_special_tokens=True)

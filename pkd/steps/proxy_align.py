@@ -2,18 +2,23 @@
 
 Stages, each committed as a folder before the manifest records it:
   warmup/model/            SFT of the proxy on D_w (LoRA adapter, or full weights)
-  warmup/metrics.json      held-out NLL / top-1 agreement of the base model and after warm-up
+  warmup/metrics.json      held-out figures of the base model and after warm-up: teacher NLL/token,
+                           top-1 agreement, task skill (greedy exact match against the prompts'
+                           references; lm-eval tasks with --eval-tasks)
   round-KK/samples.jsonl   the current proxy's response per prompt of chunk KK of D_p
   round-KK/sampling.json   engine, token count and timings of that sampling (and whether vLLM
                            sampled a merged copy of the proxy, made in the round's work folder)
   round-KK/model/          after DPO + NLL on (teacher = chosen, proxy = rejected) pairs
-  round-KK/metrics.json    held-out metrics, reward margin/accuracy, timings
+  round-KK/metrics.json    the same held-out figures, reward margin/accuracy, timings
   warmup/trainer/, round-KK/trainer/   the trackers' local files (`report_to`, e.g. tensorboard runs/)
-  adapter/ (LoRA) or model/ (full)   the final proxy: hard links to the last stage's files
+  adapter/ (LoRA) or model/ (full)   the output proxy: hard links to the selected stage's files
+                           (pkd.align.select: by default the lowest held-out teacher NLL among the
+                           stages that kept the base proxy's skill; --select last: the last round)
   merged/                  with --merge: base + adapter folded into one model
   report.json, report.png  the alignment report
   manifest.json            kind "proxy": lineage (teacher samples, base weights), config, and
-                           in `counts` the stages done: warmup, rounds_sampled, rounds_done
+                           in `counts` the stages done: warmup, rounds_sampled, rounds_done, and
+                           `selected` (0 = warm-up, k = round k)
 
 Resume: a stage is written under `.tmp-*` and renamed into place, then the manifest lists its
 files; a rerun deletes whatever the manifest does not list and continues after the last
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pkd.align.data import AlignData, preference_pairs, sft_rows, split_samples
+from pkd.align.select import Selection, choose_stage
 from pkd.models.resolve import resolve_model
 from pkd.teacher.samples import read_teacher_samples, teacher_fingerprint
 from pkd.config import ProxyAlignConfig, Recipe
@@ -42,7 +48,7 @@ from pkd.records import MANIFEST_NAME, FileEntry, Manifest
 from pkd.store import Folder
 
 # Settings that may change between a run and its resumption (they do not change what is trained).
-FREE_KEYS = {"teacher", "model", "student", "out", "engine", "sample_merged", "gpu_memory_utilization", "merge", "logging_steps", "report_to"}
+FREE_KEYS = {"teacher", "model", "student", "out", "engine", "sample_merged", "gpu_memory_utilization", "merge", "logging_steps", "report_to", "select", "max_skill_drop"}
 STATE_KEYS = tuple(k for k in ProxyAlignConfig.model_fields if k not in FREE_KEYS)
 TMP = ".tmp-"
 
@@ -53,6 +59,7 @@ class Summary:
     report: dict[str, Any]
     ran: list[str] = field(default_factory=list)  # stages run by this invocation
     warnings: list[str] = field(default_factory=list)
+    skill_warning: str | None = None  # every stage lost more skill than --max-skill-drop allows
     elapsed_s: float = 0.0
 
 
@@ -211,7 +218,9 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None,
         if out.counts["rounds_done"] < k:
             ctx.align(k)
             summary.ran.append(_round(k))
-    summary.report = ctx.finish()
+    summary.report, selection = ctx.finish()
+    if selection.skill_kept is False:
+        summary.skill_warning = selection.reason
     summary.elapsed_s = time.monotonic() - start
     return summary
 
@@ -248,22 +257,48 @@ class _Context:
         chats = (encode_chat(self.tokenizer, s.messages, s.response) for s in self.data.heldout)
         return [(c.ids[: self.cfg.max_length], c.response_start) for c in chats]
 
+    def measure(self, model: Any) -> dict[str, Any]:
+        """The held-out figures of one stage: teacher NLL/token and top-1 agreement, and task skill
+        (greedy exact match against the prompts' references; lm-eval tasks if asked for)."""
+        from pkd.align.metrics import response_metrics
+        from pkd.answers import exact_match_hits
+        from pkd.engines.hf import greedy_answers
+
+        figures: dict[str, Any] = response_metrics(model, self.heldout(), self.batch_tokens)
+        graded = [s for s in self.data.heldout if s.reference is not None]
+        figures["exact_match_rows"] = len(graded)
+        figures["exact_match"] = None
+        if graded:
+            prompts = [self.tokenizer.apply_chat_template(s.messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for s in graded]
+            answers = greedy_answers(model, self.tokenizer, prompts, self.cfg.max_new_tokens)
+            figures["exact_match"] = exact_match_hits(answers, [s.reference for s in graded], self.cfg.answer_pattern) / len(graded)
+        if self.cfg.eval_tasks:
+            from pkd.student.benchmarks import run_benchmarks
+
+            figures["benchmarks"] = run_benchmarks(
+                model, self.tokenizer, self.cfg.eval_tasks, limit=self.cfg.eval_limit, batch_size=self.cfg.per_device_batch_size,
+                max_length=self.cfg.max_length, seed=self.seed,
+            )  # fmt: skip
+        return figures
+
+    def describe(self, name: str, figures: dict[str, Any]) -> None:
+        em = "" if figures.get("exact_match") is None else f", exact match {figures['exact_match']:.1%}"
+        self.say(f"{name}: held-out NLL/token {figures['nll_per_token']:.4f}, top-1 agreement {figures['top1_agreement']:.3f}{em}")
+
     def warmup(self) -> None:
         from pkd.models.lora import vllm_problems
-        from pkd.align.metrics import response_metrics
         from pkd.align.train import free_memory, load_policy, save_proxy, warmup_sft
 
         cfg = self.cfg
         model = load_policy(self.base_dir, None, cfg, self.seed)  # a fresh LoRA adapter is the identity: this is the base model
-        heldout = self.heldout()
-        base = response_metrics(model, heldout, self.batch_tokens)
-        self.say(f"base model: held-out NLL/token {base['nll_per_token']:.4f}, top-1 agreement {base['top1_agreement']:.3f}")
+        base = self.measure(model)
+        self.describe("base model", base)
         stage = self.out.scratch("warmup")
         stats: dict[str, Any] = {"train_samples": len(self.data.warmup), "steps": 0}
         if cfg.warmup_epochs > 0:
-            stats |= warmup_sft(model, self.tokenizer, sft_rows(self.data.warmup), cfg, self.seed, stage / "trainer", progress=self.progress)
-        after = response_metrics(model, heldout, self.batch_tokens)
-        self.say(f"warm-up on {len(self.data.warmup)} samples: held-out NLL/token {after['nll_per_token']:.4f}, top-1 agreement {after['top1_agreement']:.3f}")
+            stats |= warmup_sft(model, self.tokenizer, sft_rows(self.data.warmup), cfg, self.seed, stage / "trainer", progress=self.progress, base=base, measure=self.measure)
+        after = stats.pop("heldout", None) or self.measure(model)
+        self.describe(f"warm-up on {len(self.data.warmup)} samples", after)
         save_proxy(model, self.tokenizer, stage / "model")
         if cfg.lora and (problems := vllm_problems(json.loads((stage / "model" / "adapter_config.json").read_text()))):
             raise ConfigError(f"[proxy_align] these LoRA settings make an adapter vLLM cannot serve ({'; '.join(problems)}); the rounds would fail")
@@ -297,7 +332,7 @@ class _Context:
         self.say(f"{_round(k)}: sampled {len(chunk)} proxy responses ({how}) in {gen_s:.1f} s")
 
     def align(self, k: int) -> None:
-        from pkd.align.metrics import pair_rewards, response_metrics
+        from pkd.align.metrics import pair_rewards
         from pkd.align.train import dpo_round, free_memory, load_policy, save_proxy
 
         cfg, name = self.cfg, _round(k)
@@ -306,11 +341,11 @@ class _Context:
         stage = self.out.scratch(name)
         model = load_policy(self.base_dir, self.stage_model(k - 1), cfg)
         if rows:
-            pairs, stats = dpo_round(model, self.tokenizer, rows, cfg, self.seed + k, stage / "trainer", stage=name, progress=self.progress)
+            pairs, stats = dpo_round(model, self.tokenizer, rows, cfg, self.seed + k, stage / "trainer", stage=name, progress=self.progress, measure=self.measure)
             rewards = pair_rewards(model, pairs, cfg.beta, cfg.max_length, self.batch_tokens)
         else:  # the proxy already says exactly what the teacher says: nothing to prefer
             stats, rewards = {"steps": 0}, {"pairs": 0}
-        held = response_metrics(model, self.heldout(), self.batch_tokens)
+        held = stats.pop("heldout", None) or self.measure(model)
         save_proxy(model, self.tokenizer, stage / "model")
         sampling = self.out.read_json(f"{name}/sampling.json")
         metrics = held | stats | rewards | {"dropped_pairs": dropped} | {k: sampling.get(k) for k in ("engine", "merged", "gen_s", "merge_s", "load_s", "generate_s", "new_tokens")}
@@ -322,47 +357,59 @@ class _Context:
             moves[f"{name}/trainer"] = stage / "trainer"
         self.out.commit(moves, rounds_done=k)
         shutil.rmtree(stage, ignore_errors=True)
-        self.say(
-            f"{name}: {rewards['pairs']} pairs ({dropped} equal, dropped), reward margin {rewards.get('reward_margin', 0):+.4f}, "
-            f"accuracy {rewards.get('reward_accuracy', 0):.3f}; held-out NLL/token {held['nll_per_token']:.4f}, top-1 {held['top1_agreement']:.3f}"
-        )
+        self.say(f"{name}: {rewards['pairs']} pairs ({dropped} equal, dropped), reward margin {rewards.get('reward_margin', 0):+.4f}, accuracy {rewards.get('reward_accuracy', 0):.3f}")
+        self.describe(name, held)
 
-    def finish(self) -> dict[str, Any]:
-        """Final proxy, optional merge, report; marks the manifest complete."""
+    def finish(self) -> tuple[dict[str, Any], Selection]:
+        """The selected stage as the output proxy, optional merge, report; marks the manifest
+        complete. A rerun with another --select / --max-skill-drop re-selects without training."""
         from pkd.align.report import plot
 
         cfg, out = self.cfg, self.out
+        stages = self.stages()
+        selection = choose_stage(stages, cfg.select, cfg.max_skill_drop)
+        reselect = not out.manifest.complete or out.counts.get("selected") != selection.index
         moves: dict[str, Path] = {}
         final = "adapter" if cfg.lora else "model"
-        if not out.manifest.complete:
+        if reselect:
             tmp = out.root / f"{TMP}{final}"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.stage_model(cfg.rounds), tmp, copy_function=os.link)  # hard links: no second copy
+            shutil.copytree(self.stage_model(selection.index), tmp, copy_function=os.link)  # hard links: no second copy
             moves[final] = tmp
-        if cfg.merge and cfg.lora and not (out.root / "merged").is_dir():
+        if cfg.merge and cfg.lora and (reselect or not (out.root / "merged").is_dir()):
             from pkd.align.train import merge
 
             tmp = out.scratch("merged")
-            merge(self.base_dir, self.stage_model(cfg.rounds), tmp, cfg.precision)
+            merge(self.base_dir, self.stage_model(selection.index), tmp, cfg.precision)
             moves["merged"] = tmp
-        report = self.report()
+        report = self.report(stages, selection)
         scratch = out.scratch("report")
         moves["report.json"] = _write_json(scratch / "report.json", report)
         plot(report, scratch / "report.png")
         moves["report.png"] = scratch / "report.png"
-        out.commit(moves, complete=True)
+        out.commit(moves, complete=True, selected=selection.index)
         for name in ("trainer", "report", "merged", final):
             shutil.rmtree(out.root / f"{TMP}{name}", ignore_errors=True)
-        return report
+        return report, selection
 
-    def report(self) -> dict[str, Any]:
+    def stages(self) -> list[dict[str, Any]]:
+        """The report's rows: the base proxy, the warm-up, each round."""
         warm = self.out.read_json("warmup/metrics.json")
         stages = [{"stage": "base"} | warm["base"], {"stage": "warmup"} | warm["warmup"]]
-        stages += [{"stage": _round(k)} | self.out.read_json(f"{_round(k)}/metrics.json") for k in range(1, self.cfg.rounds + 1)]
-        held = warm["base"]
+        return stages + [{"stage": _round(k)} | self.out.read_json(f"{_round(k)}/metrics.json") for k in range(1, self.cfg.rounds + 1)]
+
+    def report(self, stages: list[dict[str, Any]], selection: Selection) -> dict[str, Any]:
+        from pkd.answers import describe
+
+        held = stages[0]
         return {
-            "heldout": {"from": self.data.heldout_from, "samples": held["samples"], "tokens": held["tokens"]},
+            "heldout": {
+                "from": self.data.heldout_from, "samples": held["samples"], "tokens": held["tokens"],
+                "exact_match_rows": held.get("exact_match_rows", 0), "answer": describe(self.cfg.answer_pattern),
+                "eval_tasks": self.cfg.eval_tasks,
+            },
             "inputs": self.out.manifest.inputs,
             "final": str(self.out.root / ("adapter" if self.cfg.lora else "model")),
+            "selection": selection.as_dict() | {"select": self.cfg.select, "max_skill_drop": self.cfg.max_skill_drop},
             "stages": stages,
-        }
+        }  # fmt: skip

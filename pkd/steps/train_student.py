@@ -114,7 +114,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
 
     from pkd.progress import trainer_progress
     from pkd.student.trainer import KDSettings, ProxyKDTrainer
-    from pkd.student.data import CacheStream, check_student_compatible
+    from pkd.student.data import CacheStream, check_student_compatible, mean_weight
 
     cache_uri, student, out = _resolve(cfg, run)
     folder, manifest = _open_cache(cache_uri)
@@ -184,7 +184,10 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         train_dataset=stream,
         processing_class=tokenizer,
         callbacks=callbacks,
-        kd=KDSettings(alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature, proposal_temperature=float(manifest.codec.get("params", {}).get("proposal_temperature", 1.0))),
+        kd=KDSettings(
+            alpha=cfg.alpha, tail=cfg.tail, temperature=cfg.temperature, proposal_temperature=float(manifest.codec.get("params", {}).get("proposal_temperature", 1.0)),
+            ce_scale=1.0 / mean_weight(folder, manifest) if cfg.weight_ce else None,
+        ),  # fmt: skip
     )
     if to_record:
         _record_run(out, record)

@@ -90,15 +90,19 @@ def check_student_compatible(manifest: LogitCacheManifest, tokenizer, model_voca
 
 
 def mean_weight(folder: Folder, manifest: LogitCacheManifest) -> float:
-    """E[w] = mean of σ((ℓ − μ)/γ) over the whole cache: the weight `--uniform-weights` gives
-    every sample, so that ablation changes only how w is spread and keeps α·E[w] (w = 1 would
-    double the KD strength). One read of the ℓ column (one float per sample); μ/γ from the
-    manifest, or from the same values when the manifest lacks them."""
+    """w̄ = Σ_b w_b·T_b / Σ_b T_b, the token-weighted mean of w = σ((ℓ − μ)/γ) over the whole
+    cache (T_b: sample b's response tokens). The loss averages over tokens, so this is the weight
+    that scales the KD term on average: `--uniform-weights` gives every sample w̄ (keeping α·E[w];
+    w = 1 would double the KD strength), and `--weight-ce` divides CE's weights by it (keeping
+    CE's scale). One read of the ℓ and token-count columns; μ/γ from the manifest, or from the
+    same values when the manifest lacks them."""
     values = np.concatenate([*iter_column(folder, manifest, "seq_logprob"), np.zeros(0)])  # (rows,)
-    if not len(values):
+    tokens = np.concatenate([*iter_column(folder, manifest, "num_tokens"), np.zeros(0)]).astype(np.float64)  # (rows,)
+    if not len(values) or not tokens.sum():
         return 0.5
     stats = manifest.seq_logprob or seq_logprob_stats([values])
-    return float(sample_weights(torch.from_numpy(values.astype(np.float64)), stats.mu, stats.gamma).mean())
+    w = sample_weights(torch.from_numpy(values.astype(np.float64)), stats.mu, stats.gamma).numpy()  # (rows,)
+    return float((w * tokens).sum() / tokens.sum())
 
 
 class CacheReader:

@@ -137,8 +137,30 @@ def flatten_rows(
     B, L = shift_labels.shape
     y_all = shift_labels.reshape(-1)  # (N,)
     rows = (y_all != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
-    c_row = alpha * weights.double()[torch.arange(B * L, device=shift_labels.device) // L]  # (N,) α·w
+    c_row = alpha * per_row(weights, L)  # (N,) α·w
     return y_all, rows, c_row, [t.reshape(B * L, -1) for t in per_position]
+
+
+def per_row(values: torch.Tensor, L: int) -> torch.Tensor:
+    """A per-sample value (B,) repeated for each of its L positions: (B·L,) float64."""
+    return values.double().repeat_interleave(L)
+
+
+def ce_weighted(chunk_loss: ChunkLoss, ce_row: torch.Tensor | None) -> ChunkLoss:
+    """`--weight-ce`: CE weighted per row too, a·NLL + c·KL with a = ce_row > 0. `chunk_loss` must
+    weight the KL by c/a; scaling its row loss and gradient by a then gives a·NLL + c·KL, so the
+    closed-form gradients stay the ones tested."""
+    if ce_row is None:
+        return chunk_loss
+
+    def weighted(z: torch.Tensor, r: torch.Tensor, need_grad: bool):
+        a = ce_row[r].to(z.dtype)  # (n,)
+        nll, kl, loss, grad = chunk_loss(z, r, need_grad)
+        if grad is not None:
+            grad.mul_(a[:, None])
+        return nll, kl, a * loss, grad
+
+    return weighted
 
 
 def topk_kd_rows(
@@ -150,6 +172,7 @@ def topk_kd_rows(
     alpha: float,
     tail: Tail,
     temperature: float,
+    ce_weights: torch.Tensor | None = None,  # (B,) > 0: weight CE per sample too (--weight-ce)
 ) -> tuple[torch.Tensor, ChunkLoss]:
     """The response rows (M,) of the flattened batch and the Proxy-KD `ChunkLoss` over them."""
     if tail not in ("tail", "renorm"):
@@ -157,13 +180,16 @@ def topk_kd_rows(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     y_all, rows, c_row, (ids_all, lp_all) = flatten_rows(shift_labels, weights, alpha, topk_ids, topk_logprobs)
+    ce_row = None if ce_weights is None else per_row(ce_weights, shift_labels.shape[1])  # (N,)
+    if ce_row is not None:
+        c_row = c_row / ce_row  # see ce_weighted
 
     def chunk_loss(z: torch.Tensor, r: torch.Tensor, need_grad: bool):
         c = c_row[r].to(z.dtype)  # (n,)
         nll, kl, grad = _topk_rows(z, y_all[r], ids_all[r].long(), lp_all[r], c, alpha, tail, temperature, need_grad)
         return nll, kl, nll + c * kl, grad
 
-    return rows, chunk_loss
+    return rows, ce_weighted(chunk_loss, ce_row)
 
 
 def proxy_kd_loss(
@@ -178,14 +204,16 @@ def proxy_kd_loss(
     temperature: float = 1.0,
     scale: float = 1.0,
     chunk_rows: int | None = None,
+    ce_weights: torch.Tensor | None = None,
 ) -> KDLoss:
     """Σ over response positions of NLL(teacher token) + α·w·τ²·KL(proxy ‖ student) on the
-    cached top-k, times `scale`, from the student's logits. α = 0 is plain SFT on the teacher's
+    cached top-k, times `scale`, from the student's logits; with `ce_weights` (B,) the NLL of
+    sample b is weighted by ce_weights[b] too. α = 0 is plain SFT on the teacher's
     tokens (no KL work at all). The reference for `fused_proxy_kd_loss`.
 
     Pass the normaliser as `scale` (e.g. 1 / tokens) rather than dividing `loss` afterwards:
     the gradient is then stored pre-scaled and backward returns it without another copy."""
-    rows, chunk_loss = topk_kd_rows(shift_labels, topk_ids, topk_logprobs, weights, alpha=float(alpha), tail=tail, temperature=float(temperature))
+    rows, chunk_loss = topk_kd_rows(shift_labels, topk_ids, topk_logprobs, weights, alpha=float(alpha), tail=tail, temperature=float(temperature), ce_weights=ce_weights)
     return KDLoss(*chunked_logits_loss(logits, rows, chunk_loss, scale=scale, chunk_rows=chunk_rows))
 
 
@@ -202,8 +230,9 @@ def fused_proxy_kd_loss(
     temperature: float = 1.0,
     scale: float = 1.0,
     chunk_rows: int | None = None,
+    ce_weights: torch.Tensor | None = None,
 ) -> KDLoss:
     """`proxy_kd_loss` of the logits hidden · weightᵀ, computed without ever building them or
     their gradient (see `pkd.student.chunked`); gradients flow to both `hidden` and `weight`."""
-    rows, chunk_loss = topk_kd_rows(shift_labels, topk_ids, topk_logprobs, weights, alpha=float(alpha), tail=tail, temperature=float(temperature))
+    rows, chunk_loss = topk_kd_rows(shift_labels, topk_ids, topk_logprobs, weights, alpha=float(alpha), tail=tail, temperature=float(temperature), ce_weights=ce_weights)
     return KDLoss(*fused_head_loss(hidden, weight, rows, chunk_loss, scale=scale, chunk_rows=chunk_rows))

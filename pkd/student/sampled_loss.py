@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from pkd.student.chunked import ChunkLoss, chunked_logits_loss, fused_head_loss
-from pkd.student.losses import KDLoss, flatten_rows
+from pkd.student.losses import KDLoss, ce_weighted, flatten_rows, per_row
 
 
 def draw_weights(
@@ -83,12 +83,16 @@ def sampled_kd_rows(
     alpha: float,
     temperature: float,
     proposal_temperature: float,
+    ce_weights: torch.Tensor | None = None,  # (B,) > 0: weight CE per sample too (--weight-ce)
 ) -> tuple[torch.Tensor, ChunkLoss]:
     """The response rows (M,) of the flattened batch and the RS-KD `ChunkLoss` over them (NLL of
     the teacher token + α·w·kl), for either driver of `pkd.student.chunked`."""
     if temperature <= 0 or proposal_temperature <= 0:
         raise ValueError(f"temperatures must be > 0, got {temperature} and {proposal_temperature}")
     y_all, rows, coef_all, (ids_all, lp_all, c_all) = flatten_rows(shift_labels, weights, alpha, ids, logprobs, counts)
+    ce_row = None if ce_weights is None else per_row(ce_weights, shift_labels.shape[1])  # (N,)
+    if ce_row is not None:
+        coef_all = coef_all / ce_row  # see pkd.student.losses.ce_weighted
 
     def chunk_loss(z: torch.Tensor, r: torch.Tensor, need_grad: bool):
         y, coef = y_all[r], coef_all[r].to(z.dtype)  # (n,)
@@ -105,7 +109,7 @@ def sampled_kd_rows(
             grad.add_(g_kl)
         return nll, kl, nll + coef * kl, grad
 
-    return rows, chunk_loss
+    return rows, ce_weighted(chunk_loss, ce_row)
 
 
 def sampled_kd_loss(
@@ -121,11 +125,12 @@ def sampled_kd_loss(
     proposal_temperature: float = 1.0,
     scale: float = 1.0,
     chunk_rows: int | None = None,
+    ce_weights: torch.Tensor | None = None,
 ) -> KDLoss:
     """Σ over response positions of NLL(teacher token) + α·w·T²·KL̂(proxy ‖ student) from the
     sampled cache, times `scale` (pass the normaliser here, as for `proxy_kd_loss`), from the
     student's logits. The reference for `fused_sampled_kd_loss`."""
-    rows, chunk_loss = sampled_kd_rows(shift_labels, ids, logprobs, counts, weights, alpha=float(alpha), temperature=float(temperature), proposal_temperature=float(proposal_temperature))
+    rows, chunk_loss = sampled_kd_rows(shift_labels, ids, logprobs, counts, weights, alpha=float(alpha), temperature=float(temperature), proposal_temperature=float(proposal_temperature), ce_weights=ce_weights)
     return KDLoss(*chunked_logits_loss(logits, rows, chunk_loss, scale=scale, chunk_rows=chunk_rows))
 
 
@@ -143,7 +148,8 @@ def fused_sampled_kd_loss(
     proposal_temperature: float = 1.0,
     scale: float = 1.0,
     chunk_rows: int | None = None,
+    ce_weights: torch.Tensor | None = None,
 ) -> KDLoss:
     """`sampled_kd_loss` of the logits hidden · weightᵀ without building them (pkd.student.chunked)."""
-    rows, chunk_loss = sampled_kd_rows(shift_labels, ids, logprobs, counts, weights, alpha=float(alpha), temperature=float(temperature), proposal_temperature=float(proposal_temperature))
+    rows, chunk_loss = sampled_kd_rows(shift_labels, ids, logprobs, counts, weights, alpha=float(alpha), temperature=float(temperature), proposal_temperature=float(proposal_temperature), ce_weights=ce_weights)
     return KDLoss(*fused_head_loss(hidden, weight, rows, chunk_loss, scale=scale, chunk_rows=chunk_rows))

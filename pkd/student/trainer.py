@@ -47,6 +47,7 @@ class KDSettings:
     temperature: float = 1.0
     proposal_temperature: float = 1.0  # sampled caches: what the draws came from (codec spec)
     fused: bool = True  # fuse the output layer with the loss where the model allows it
+    ce_scale: float | None = None  # --weight-ce: CE of sample b weighted by w_b · ce_scale (1 / the cache's token-weighted mean w)
 
 log = logging.getLogger(__name__)
 HEAD_CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}  # |hidden·Wᵀ − logits| / max |logits|; 3e-2 for 16-bit logits
@@ -107,12 +108,13 @@ class ProxyKDTrainer(Trainer):
         estimator for a sampled cache (its batches carry `topk_counts`; tail does not apply),
         else the top-k Proxy-KD loss."""
         head = (inputs["shift_labels"], inputs["topk_ids"], inputs["topk_logprobs"])
+        ce_weights = None if self.kd.ce_scale is None else inputs["weights"] * self.kd.ce_scale  # (B,)
         if "topk_counts" in inputs:
             batch = (*head, inputs["topk_counts"], inputs["weights"])
-            kd = dict(alpha=self.kd.alpha, temperature=self.kd.temperature, proposal_temperature=self.kd.proposal_temperature, scale=scale)
+            kd = dict(alpha=self.kd.alpha, temperature=self.kd.temperature, proposal_temperature=self.kd.proposal_temperature, scale=scale, ce_weights=ce_weights)
             return (lambda logits: sampled_kd_loss(logits, *batch, **kd)), (lambda h, w: fused_sampled_kd_loss(h, w, *batch, **kd))
         batch = (*head, inputs["weights"])
-        kd = dict(alpha=self.kd.alpha, tail=self.kd.tail, temperature=self.kd.temperature, scale=scale)
+        kd = dict(alpha=self.kd.alpha, tail=self.kd.tail, temperature=self.kd.temperature, scale=scale, ce_weights=ce_weights)
         return (lambda logits: proxy_kd_loss(logits, *batch, **kd)), (lambda h, w: fused_proxy_kd_loss(h, w, *batch, **kd))
 
     def _student_loss(self, model, inputs, scale: float):  # noqa: ANN001

@@ -100,9 +100,15 @@ def test_proxy_align_report_fits_80_columns():
         {"stage": f"round-{k:02d}"} | stage | {"pairs": 1000, "dropped_pairs": 12, "reward_margin": -0.1234, "reward_accuracy": 0.75, "gen_s": 1234.5, "merge_s": 321.0, "ref_s": 123.4, "train_s": 4321.0}
         for k in range(1, 4)
     ]
-    report = {"heldout": {"from": "align", "samples": 64, "tokens": 12345}, "stages": [{"stage": "base"} | stage, {"stage": "warmup"} | stage | {"train_s": 12.0}, *rounds]}
+    stage |= {"exact_match": 0.915}
+    report = {
+        "heldout": {"from": "align", "samples": 64, "tokens": 12345, "exact_match_rows": 64, "answer": "last number"},
+        "stages": [{"stage": "base"} | stage, {"stage": "warmup"} | stage | {"train_s": 12.0}, *rounds],
+        "selection": {"stage": "round-02", "max_skill_drop": 5.0},
+    }
     lines = _render(table(report))
     _fits(lines)
+    assert any("round-02 *" in line for line in lines)  # the output stage is marked
     assert any("round-03" in line and "-0.1234" in line for line in lines)
     assert sum("round-0" in line for line in lines) == 6  # both tables list every round
 

@@ -193,6 +193,25 @@ def prompt_record(pid: str, p: Problem) -> dict[str, Any]:
     return {"id": pid, "messages": [{"role": "user", "content": p.question}], "reference": str(p.answer)}
 
 
+# A system message that asks the proxy for the teacher's wording. The teacher's prompts never
+# carry it, so the proxy answers them in words until it is aligned, but it has practised the
+# equations in a chat, as an instruct model has practised formats besides its default one. It
+# comes before the question so that everything from the question on is the same token sequence as
+# in an uninstructed chat: a request after the question moved the operands' positions relative
+# to the answer, and the aligned proxy then copied wrong operands (bench/align_study.py).
+EQUATIONS_REQUEST = "Write the equations."
+
+
+def instructed_chat(p: Problem) -> list[dict[str, str]]:
+    """`EQUATIONS_REQUEST` as a system message, then the question answered correctly in the
+    teacher style."""
+    return [
+        {"role": "system", "content": EQUATIONS_REQUEST},
+        {"role": "user", "content": p.question},
+        {"role": "assistant", "content": teacher_solution(p)},
+    ]
+
+
 def chat_example(p: Problem, style: str) -> list[dict[str, str]]:
     """The full conversation (question + worked solution in `style`) for SFT."""
     return [

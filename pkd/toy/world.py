@@ -9,10 +9,14 @@
   held-out prompts keep the *correct* answer as their reference;
 - a GENERIC corpus: problems with solutions in both styles as plain text (question, newline,
   solution; no chat turns), standing in for web pre-training text;
-- the PROXY (bigger than the student): the generic corpus plus chats in the *proxy* style over a
-  shifted task distribution. It knows the arithmetic and has seen equations, but answers a chat
-  in words, so it disagrees with the teacher until aligned (a LoRA SFT on ~100 teacher samples
-  takes it from ~60% to ~99% top-1 agreement);
+- the PROXY (bigger than the student): the generic corpus plus chats over a shifted task
+  distribution, in the *proxy* style, and in the teacher's equations where the user asks for
+  them ("... Write the equations."), which the teacher's prompts never do. So it answers the
+  teacher's prompts in words and disagrees with the teacher until aligned, but it knows the
+  arithmetic in both wordings inside a chat: the proxy Proxy-KD assumes. (Without the asked-for
+  equations it knew them only as plain text: teacher-forced in a chat its computed digits were
+  78% right against 99% in plain text, and every alignment recipe that taught it the teacher's
+  format cost it its arithmetic; bench/align_study.py, README "The alignment study".)
 - the STUDENT base: a brief pass over the generic corpus only, so it knows the tokens but has no
   chat habits and little arithmetic;
 - train / held-out prompts in the `pkd teacher-sample` input format.
@@ -41,6 +45,7 @@ from pkd.toy.tasks import (
     TaskSpec,
     chat_example,
     extract_answer,
+    instructed_chat,
     make_prompt_split,
     parse_question,
     sample_problems,
@@ -53,7 +58,7 @@ if TYPE_CHECKING:
     from pkd.toy.train import Example
 
 MARKER = "world.json"
-FORMAT = 2  # bump when the build below changes what a world contains
+FORMAT = 3  # bump when the build below changes what a world contains
 TARGET_ACCURACY = 0.9
 PROXY_SPEC = TaskSpec(first=(1, 30), steps=(1, 3))  # related to TaskSpec(), not equal to it
 
@@ -82,7 +87,8 @@ class WorldSpec:
     n_heldout: int  # prompts every comparison is evaluated on
     n_validation: int  # the teacher's own stopping check, disjoint from held-out
     n_teacher: int  # distinct problems in the teacher's SFT set
-    n_proxy: int  # distinct problems in the proxy's chat set
+    n_proxy: int  # distinct problems in the proxy's chat set (its own style)
+    n_instructed: int  # distinct problems in its chats that ask for the teacher's equations
     n_generic: int  # distinct problems in the generic corpus (x2: one text per style)
     vocab_size: int  # upper bound: BPE stops early once no pair is left to merge
     teacher: ModelRecipe
@@ -100,10 +106,11 @@ FULL = WorldSpec(
     n_validation=200,
     n_teacher=8000,
     n_proxy=8000,
+    n_instructed=4000,
     n_generic=4000,
     vocab_size=512,
     teacher=ModelRecipe(hidden=128, layers=2, heads=4, steps=400, batch_size=64, lr=3e-3),
-    proxy=ModelRecipe(hidden=192, layers=2, heads=6, steps=400, batch_size=64, lr=3e-3),
+    proxy=ModelRecipe(hidden=192, layers=2, heads=6, steps=500, batch_size=64, lr=3e-3),
     student=ModelRecipe(hidden=64, layers=2, heads=2, steps=40, batch_size=64, lr=3e-3),
     extra_teacher_rounds=3,
 )
@@ -114,6 +121,7 @@ QUICK = replace(
     n_validation=100,
     n_teacher=4000,
     n_proxy=2000,
+    n_instructed=1000,
     n_generic=1000,
     teacher=replace(FULL.teacher, steps=200),
     proxy=replace(FULL.proxy, steps=100, batch_size=32),
@@ -219,6 +227,7 @@ def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str,
         banned |= {p.question for p in validation}
         teacher_set = sample_problems(spec.n_teacher, spec.seed + 2, exclude=banned)
         proxy_set = sample_problems(spec.n_proxy, spec.seed + 3, PROXY_SPEC, exclude=banned)
+        instructed_set = sample_problems(spec.n_instructed, spec.seed + 5, PROXY_SPEC, exclude=banned)
         generic_set = sample_problems(spec.n_generic, spec.seed + 4, exclude=banned)
         corpus = ["user", "assistant", "system"] * 10  # role names get merges like any word
         corpus += [_plain_text(p, style) for p in generic_set for style in STYLES]
@@ -277,7 +286,7 @@ def _build(root: Path, spec: WorldSpec, say: Callable[[str], None]) -> dict[str,
         for q, t in zip(held_q, responses)
     ]
     teacher_tokens = chat_examples(tokenizer, replies)
-    proxy_chats = chat_examples(tokenizer, [chat_example(p, "proxy") for p in proxy_set])
+    proxy_chats = chat_examples(tokenizer, [chat_example(p, "proxy") for p in proxy_set] + [instructed_chat(p) for p in instructed_set])
     for name, offset, examples in (("proxy", 1, proxy_chats + generic), ("student", 2, generic)):
         with _timed(timings, name):
             r, model = getattr(spec, name), new_model(name, offset)

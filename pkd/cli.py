@@ -597,6 +597,68 @@ def recipe_show(
     console.print_json(recipe.model_dump_json())
 
 
+# pkd batch ---------------------------------------------------------------------------------------
+
+
+@app.command("batch")
+def batch() -> None:
+    """Run pkd commands one after another in this process: each pays no start-up (importing
+    torch/transformers/TRL, ~7 s on a CPU), which dominates many small runs (a sweep, the demo's
+    students). Reads one JSON object a line on stdin, {"argv": ["train-student", ...], "log":
+    PATH}; each command's output (terminal and libraries) goes to its log; writes one JSON line a
+    command on stdout, {"argv", "exit_code", "seconds"}. Each command gives the same result as
+    `pkd ARGV...` on its own (every step seeds what it draws)."""
+    import sys
+    import time
+
+    sys.stdout.flush()
+    replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    for n, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+            argv, log_path = [str(a) for a in job["argv"]], Path(job["log"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"pkd batch: stdin line {n} is not {{\"argv\": [...], \"log\": PATH}} ({type(e).__name__}: {e})") from None
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        with open(log_path, "w", buffering=1, encoding="utf-8") as log:
+            code = _in_process(argv, log.fileno())
+        replies.write(json.dumps({"argv": argv, "exit_code": code, "seconds": round(time.monotonic() - start, 2)}) + "\n")
+    replies.close()
+
+
+def _in_process(argv: list[str], fd: int) -> int:
+    """One pkd command in this process with fds 1 and 2 on `fd`; its exit code."""
+    import sys
+
+    saved, saved_argv = (os.dup(1), os.dup(2)), sys.argv
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = ["pkd", *argv]
+    try:
+        app(args=argv, prog_name="pkd")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:  # noqa: BLE001 - a bug in one command must not lose the others' results
+        import traceback
+
+        traceback.print_exc()
+        return 1 if not isinstance(e, PkdError) else e.exit_code
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        sys.argv = saved_argv
+
+
 def main() -> None:
     app()
 

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from pkd.toy.demo import DemoError, DemoPaths, _Steps
 from pkd.toy.variants import VARIANTS
-from pkd.toy.results import results_table, summarize, write_chart
+from pkd.toy.results import alignment_stages, results_table, summarize, write_chart
 from pkd.toy.world import ToyWorld
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +79,27 @@ def test_summary_pairs_variants_seed_by_seed_with_t_intervals(tmp_path: Path) ->
 
     write_chart(results, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_proxy_per_alignment_stage_is_summarised_over_seeds(tmp_path: Path) -> None:
+    def report(seed: int) -> dict:
+        stage = lambda name, em, nll: {"stage": name, "exact_match": em, "nll_per_token": nll, "top1_agreement": 0.9}  # noqa: E731
+        return {
+            "heldout": {"samples": 200, "answer": "the last match"},
+            "stages": [stage("base", 1.0, 2.0), stage("warmup", 0.9 + 0.02 * seed, 0.3), stage("round-01", 0.5, 0.2)],
+            "selection": {"stage": "warmup", "reason": f"seed {seed}"},
+        }
+
+    alignment = alignment_stages([report(0), report(1), report(2)], [0, 1, 2])
+    assert [st["stage"] for st in alignment["stages"]] == ["base", "warmup", "round-01"]
+    assert alignment["stages"][1]["exact_match"]["mean"] == pytest.approx(0.92)
+    assert alignment["selected"] == {"0": "warmup", "1": "warmup", "2": "warmup"}
+    results = summarize(_scores(), ToyWorld.at(tmp_path, {"prompts": {"heldout": 4, "train": 8}}), [0, 1, 2], quick=False, timings={}, commands=[])
+    results["proxy"]["alignment"] = alignment
+    console = Console(record=True, width=240)
+    console.print(results_table(results))
+    text = " ".join(console.export_text().split())
+    assert "The proxy per alignment stage (200 held-out D_s samples" in text and "92.0 ± 5.0%" in text
 
 
 def test_unpaired_seeds_are_refused(tmp_path: Path) -> None:

@@ -35,21 +35,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pkd.console import step_console, terminal
 from pkd.errors import PkdError
-from pkd.toy.results import summarize, write_chart
+from pkd.toy.results import alignment_stages, summarize, write_chart
 from pkd.toy.stats import mean_of
 from pkd.toy.variants import CACHE_DIRS, SAMPLES, VARIANTS, Variant
 from pkd.toy.world import ToyWorld, build_world
@@ -142,6 +144,7 @@ def run_demo(
     timings["total"] = round(time.monotonic() - start, 1)
 
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands, diagnostics=diagnostics)
+    results["proxy"]["alignment"] = alignment_stages([json.loads((paths.proxy(s) / "report.json").read_text()) for s in seeds], seeds)
     results["cache_bytes_per_token"] = {kind: statistics.fmean(_bytes_per_token(c) for c in {paths.cache(kind, s) for s in seeds}) for kind in CACHE_DIRS}
     results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
     write_results(results, paths.results)
@@ -181,34 +184,48 @@ class CommandRunner:
             raise DemoError(f"demo step failed (exit {done.returncode}): {shown}")
 
     def pkd_concurrently(self, commands: list[tuple[str, list[str | Path]]]) -> None:
-        """Run commands side by side, one CPU thread each, output to `logs/NAME.log`, and print
-        each one's summary line as it finishes. The toy students are too small to use a second
-        thread well (~1.5x per step on 2 cores), and each command spends ~10 s importing
-        torch/transformers on one core, so two at a time on 2 cores finish ~1.5x sooner."""
+        """Run commands side by side in two `pkd batch` processes, one CPU thread each, each
+        command's output to `logs/NAME.log`, and print each one's summary line as it finishes.
+        The toy models are too small to use a second thread well (~1.5x per step on 2 cores), so
+        two at a time on 2 cores finish ~1.5x sooner; and a batch process imports
+        torch/transformers once instead of once a command (~7 s each). Every command still gives
+        what it gives run alone (tests/test_demo.py checks a student's weights)."""
         slots = max(1, min(len(commands), os.cpu_count() or 1))
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // slots)), "COLUMNS": "200"}
         logs = self.paths.run / "logs"
         logs.mkdir(exist_ok=True)
+        todo: queue.SimpleQueue[tuple[str, list[str | Path]]] = queue.SimpleQueue()
+        for command in commands:
+            todo.put(command)
+        failed = threading.Event()
 
-        def run(name: str, args: list[str | Path]) -> None:
-            argv, shown = self._show(args)
-            log = logs / f"{name}.log"
-            with open(log, "w") as f:
-                code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
-            if code != 0:
-                raise DemoError(f"demo step failed (exit {code}; its log: {log}): {shown}")
-            lines = log.read_text(errors="replace").strip().splitlines()
-            self.say(f"  {lines[-1] if lines else 'done'}")
+        def worker() -> None:
+            with subprocess.Popen(
+                [sys.executable, "-m", "pkd.cli", "batch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1
+            ) as proc:  # fmt: skip
+                assert proc.stdin is not None and proc.stdout is not None
+                try:
+                    while not failed.is_set():
+                        try:
+                            name, args = todo.get_nowait()
+                        except queue.Empty:
+                            break
+                        argv, shown = self._show(args)
+                        log = logs / f"{name}.log"
+                        proc.stdin.write(json.dumps({"argv": argv[3:], "log": str(log)}) + "\n")
+                        reply = proc.stdout.readline()
+                        code = json.loads(reply)["exit_code"] if reply else proc.wait()
+                        if code != 0:
+                            failed.set()
+                            raise DemoError(f"demo step failed (exit {code}; its log: {log}): {shown}")
+                        lines = log.read_text(errors="replace").strip().splitlines()
+                        self.say(f"  {lines[-1] if lines else 'done'}")
+                finally:
+                    proc.stdin.close()
 
         with ThreadPoolExecutor(slots) as pool:
-            futures = [pool.submit(run, name, args) for name, args in commands]
-            try:
-                for future in as_completed(futures):
-                    future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()  # the ones not started; running ones finish on their own
-                raise
+            for future in [pool.submit(worker) for _ in range(slots)]:
+                future.result()
 
     def _show(self, args: tuple[str | Path, ...] | list[str | Path]) -> tuple[list[str], str]:
         """The child's argv, and the command as a user would type it (printed and recorded)."""

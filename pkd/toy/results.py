@@ -28,6 +28,7 @@ EFFECTS = (
     ("no_weights", BASELINE, "Proxy-KD, uniform weights − black-box KD"),
     ("proxy_kd", "unaligned_proxy", "alignment (Proxy-KD − unaligned proxy)"),
     ("proxy_kd", "no_weights", "sample weights (Proxy-KD − uniform weights)"),
+    ("weight_ce", "proxy_kd", "CE weighted too − Proxy-KD"),
     ("sampled_cache", "proxy_kd", "sampled cache (N = 12) − top-20 cache"),
 )
 
@@ -89,6 +90,22 @@ def summarize(
     }
 
 
+def alignment_stages(reports: list[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """Per proxy-align stage (base, warm-up, rounds), its held-out figures over the seeds'
+    alignments (mean ± 95% CI), and which stage each alignment selected and why."""
+    names = [st["stage"] for st in reports[0]["stages"]]
+    stages = []
+    for name in names:
+        rows = [next(st for st in r["stages"] if st["stage"] == name) for r in reports]
+        stages.append({"stage": name} | {m: _spread([float(row[m]) for row in rows]) for m in METRICS if all(row.get(m) is not None for row in rows)})
+    return {
+        "heldout": reports[0]["heldout"],
+        "stages": stages,
+        "selected": {str(seed): r["selection"]["stage"] for seed, r in zip(seeds, reports, strict=True)},
+        "reasons": {str(seed): r["selection"]["reason"] for seed, r in zip(seeds, reports, strict=True)},
+    }
+
+
 def _interval(d: dict[str, Any], scale: float, fmt: str) -> str:
     """"mean ± half-width" (or the mean alone for one seed)."""
     text = format(scale * d["mean"], fmt)
@@ -141,10 +158,30 @@ def results_table(results: dict[str, Any]) -> Group:
         e.add_row(eff["label"], _interval(em, 100, "+.1f"), _interval(nll, 1, "+.3f"), f"{_sign(em['sign'])}/{_sign(nll['sign'])}", wrong)
     e.caption = "exact match in points; sign: of exact match / NLL, n.s. where the interval covers 0; EM, t. wrong: on prompts the teacher got wrong"
     parts.append(e)
+    if "alignment" in results["proxy"]:
+        parts.append(_alignment_table(results["proxy"]["alignment"], over))
     diag = {name: d for name, d in (results.get("diagnostics") or {}).items() if name in ("aligned", "unaligned")}
     if diag:
         parts.append(_diagnostics_table(diag, len(results["seeds"])))
     return Group(*parts)
+
+
+def _alignment_table(alignment: dict[str, Any], over: str) -> Any:
+    """The proxy after each proxy-align stage, on its own held-out slice of D_s."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    held = alignment["heldout"]
+    t = Table(title=f"The proxy per alignment stage ({held['samples']} held-out D_s samples; {over})", title_justify="left")
+    for col in ("stage", "exact match", "NLL/token", "top-1", "selected"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    picked = Counter(alignment["selected"].values())
+    for st in alignment["stages"]:
+        em = _interval(st["exact_match"], 100, ".1f") + "%" if "exact_match" in st else "–"
+        t.add_row(st["stage"], em, _interval(st["nll_per_token"], 1, ".3f"), _interval(st["top1_agreement"], 100, ".1f") + "%", str(picked.get(st["stage"], "")))
+    t.caption = f"selected: how many alignments kept that stage as their output (--select best, answer: {held.get('answer', '?')})"
+    return t
 
 
 def _auc(value: float | None) -> str:
@@ -192,7 +229,9 @@ def _diagnostics_table(diag: dict[str, Any], seeds: int) -> Any:
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
-    """Bars with 95% CI error bars: exact match and NLL per variant; proxy agreement before/after."""
+    """What a reader looks for: exact match per variant (95% CI, teacher line); the paired effects
+    on exact match and NLL (a − b per seed, 95% CI, zero line); and the proxy before and after
+    alignment, its agreement with the teacher beside its own exact match."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,30 +239,38 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
 
     variants = results["variants"]
     labels = [v["label"].replace(", ", ",\n").replace(" (", "\n(") for v in variants]
-    colors = ["tab:gray", "tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:olive"]
-    fig, (em_ax, nll_ax, proxy_ax) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [3, 3, 1.2]})
-    for ax, metric, scale, title in (
-        (em_ax, "exact_match", 100, "exact match on held-out prompts (%)"),
-        (nll_ax, "nll_per_token", 1, "NLL / token of held-out teacher responses"),
-    ):
-        means = [scale * v[metric]["mean"] for v in variants]
-        cis = [scale * (v[metric]["ci95"] or 0.0) for v in variants]
-        bars = ax.bar(range(len(variants)), means, yerr=cis, capsize=4, color=colors)
-        ax.set_xticks(range(len(variants)), labels, fontsize=8)
-        ax.set_title(title)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8, label_type="center")
-    nll_ax.set_yscale("log")  # the undistilled base is ~20x the trained students
+    colors = plt.get_cmap("tab10").colors
+    fig, (em_ax, eff_em, eff_nll, proxy_ax) = plt.subplots(1, 4, figsize=(22, 5.5), gridspec_kw={"width_ratios": [3, 2.2, 2.2, 1.4]})
+    means = [100 * v["exact_match"]["mean"] for v in variants]
+    cis = [100 * (v["exact_match"]["ci95"] or 0.0) for v in variants]
+    bars = em_ax.bar(range(len(variants)), means, yerr=cis, capsize=4, color=colors[: len(variants)])
+    em_ax.set_xticks(range(len(variants)), labels, fontsize=7)
+    em_ax.bar_label(bars, fmt="%.1f", fontsize=8, label_type="center")
     em_ax.axhline(100 * results["teacher"]["exact_match"], color="black", linestyle="--", linewidth=1, label="teacher")
+    em_ax.set_title("exact match on held-out prompts (%)")
     em_ax.legend(loc="upper left")
+    effects = results["paired_effects"]
+    names = [e["label"].replace(" (", "\n(") for e in effects]
+    for ax, metric, scale, title in ((eff_em, "exact_match", 100, "paired effect on exact match (points)"), (eff_nll, "nll_per_token", 1, "paired effect on NLL / token")):
+        vals = [scale * e[metric]["mean"] for e in effects]
+        errs = [scale * (e[metric]["ci95"] or 0.0) for e in effects]
+        shades = ["tab:gray" if e[metric]["sign"] == 0 else ("tab:green" if (e[metric]["sign"] > 0) == (metric == "exact_match") else "tab:red") for e in effects]
+        ax.barh(range(len(effects)), vals, xerr=errs, capsize=3, color=shades)
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_yticks(range(len(effects)), names if ax is eff_em else [""] * len(effects), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title)
+    eff_em.text(0.01, -0.12, "a − b per seed, mean ± 95% CI; green: better, red: worse, grey: n.s.", transform=eff_em.transAxes, fontsize=7)
     proxy = results["proxy"]
-    proxy_ax.bar(
-        [0, 1],
-        [100 * proxy["before_alignment"]["top1_agreement"], 100 * proxy["after_alignment"]["top1_agreement"]],
-        color=["tab:purple", "tab:green"],
-    )
-    proxy_ax.set_xticks([0, 1], ["before", "after"])
-    proxy_ax.set_ylim(0, 100)
-    proxy_ax.set_title("proxy top-1 agreement\nwith the teacher (%)")
+    before, after = proxy["before_alignment"], proxy["after_alignment"]
+    x = [0, 1]
+    proxy_ax.bar([i - 0.2 for i in x], [100 * before["top1_agreement"], 100 * after["top1_agreement"]], width=0.4, color="tab:purple", label="top-1 agreement with the teacher")
+    proxy_ax.bar([i + 0.2 for i in x], [100 * before["exact_match"], 100 * after["exact_match"]], width=0.4, color="tab:orange", label="its own exact match")
+    proxy_ax.axhline(100 * results["teacher"]["exact_match"], color="black", linestyle="--", linewidth=1, label="teacher's exact match")
+    proxy_ax.set_xticks(x, ["before", "after alignment"])
+    proxy_ax.set_ylim(0, 105)
+    proxy_ax.set_title("the proxy (%)")
+    proxy_ax.legend(loc="lower left", fontsize=7)
     n = len(results["seeds"])
     fig.suptitle(f"pkd demo ({results['mode']}): mean ± 95% CI over {n} seed{'s' * (n > 1)}")
     fig.tight_layout()

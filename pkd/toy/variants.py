@@ -26,8 +26,11 @@ VARIANTS = (
     Variant("unaligned_proxy", "Proxy-KD, unaligned proxy", "unaligned"),
     Variant("no_weights", "Proxy-KD, uniform weights (= mean w)", "aligned", ("--uniform-weights",)),
     Variant("proxy_kd", "Proxy-KD (full)", "aligned"),
-    # RS-KD is unbiased when the draws come from the proxy itself and the KD temperature is 1
-    Variant("sampled_cache", "Proxy-KD, sampled cache (N = 12)", "sampled", ("--temperature", "1")),
+    # beyond the paper: w weights the CE term too (normalised by the cache's token-weighted mean w)
+    Variant("weight_ce", "Proxy-KD, CE weighted too", "aligned", ("--weight-ce",)),
+    # RS-KD is unbiased when the draws come from the proxy itself at the KD temperature: both are
+    # 1 here, as for every top-20 student (the toy recipe's τ), so this row compares like with like
+    Variant("sampled_cache", "Proxy-KD, sampled cache (N = 12)", "sampled"),
 )
 SAMPLES = 12  # draws per position of the "sampled" cache
 CACHE_DIRS = {"aligned": "logits", "unaligned": "logits-unaligned", "sampled": "logits-sampled"}

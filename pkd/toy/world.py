@@ -16,7 +16,7 @@
   arithmetic in both wordings inside a chat: the proxy Proxy-KD assumes. (Without the asked-for
   equations it knew them only as plain text: teacher-forced in a chat its computed digits were
   78% right against 99% in plain text, and every alignment recipe that taught it the teacher's
-  format cost it its arithmetic; bench/align_study.py, README "The alignment study".)
+  format cost it its arithmetic; bench/align_study.py, docs/alignment-study.md.)
 - the STUDENT base: a brief pass over the generic corpus only, so it knows the tokens but has no
   chat habits and little arithmetic;
 - train / held-out prompts in the `pkd teacher-sample` input format.

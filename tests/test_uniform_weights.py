@@ -45,9 +45,11 @@ def test_every_weight_is_the_cache_mean_weight(cache):
     got = np.concatenate([b["weights"].numpy() for b in batches])
     np.testing.assert_allclose(got, np.full(40, token_mean(w, tokens)), rtol=1e-6)
     # the proxy-weighted epoch has the same token-weighted mean weight: the KD term's scale is unchanged
-    batches = list(itertools.islice(iter(CacheStream(folder, manifest, batch_size=8, max_length=64)), 5))
+    batches = list(itertools.islice(iter(CacheStream(folder, manifest, batch_size=8, max_length=1024)), 5))
     weighted = np.concatenate([b["weights"].numpy() for b in batches])
-    assert weighted.std() > 0.1 and token_mean(weighted, tokens) == pytest.approx(got.mean(), rel=1e-5)
+    counted = np.concatenate([(b["labels"] != -100).sum(1).numpy() for b in batches])  # response tokens per row, in batch order
+    assert counted.sum() == tokens.sum()  # nothing truncated: every response token is in the epoch
+    assert weighted.std() > 0.1 and token_mean(weighted, counted) == pytest.approx(got.mean(), rel=1e-5)
 
 
 def test_a_manifest_without_mu_gamma_gets_them_from_the_shards(cache):

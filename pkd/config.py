@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pkd.errors import ConfigError
 from pkd.models.lora import check_rank, check_targets
@@ -293,6 +293,15 @@ class CacheLogitsConfig(Section):
             raise ValueError(f"part {v!r}: expected I/N with 0 <= I < N, e.g. 0/4")
         return v
 
+    @model_validator(mode="after")
+    def _proposal_only_when_sampled(self) -> CacheLogitsConfig:
+        if self.mode == "topk" and self.proposal_temperature != 1.0:
+            raise ValueError(
+                f"proposal_temperature = {self.proposal_temperature} applies to sampled caches only (--sampled N); a top-k cache "
+                "keeps the proxy's top-k at temperature 1: drop --proposal-temperature, or add --sampled N"
+            )
+        return self
+
     @property
     def part_index(self) -> tuple[int, int]:
         """(I, N) of `part`."""
@@ -315,6 +324,8 @@ def _describe(err: dict[str, Any]) -> str:
     key = ".".join(loc[1:])
     if err["type"] == "extra_forbidden":
         return f"{table} unknown key {key!r}" if key else f"unknown table {table}"
+    if not key and err["type"] == "value_error":  # a check across a table's keys: the message names them
+        return f"{table} {err['msg'].removeprefix('Value error, ')}"
     where = f"{table} {key!r}" if key else table
     return f"{where}: {err['msg']} (got {err.get('input')!r})"
 

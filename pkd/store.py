@@ -9,13 +9,14 @@ On object stores the rename is a copy, but the object only appears once fully up
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -24,6 +25,8 @@ from fsspec.registry import known_implementations
 from pkd.errors import ManifestError, StorageError
 from pkd.records import MANIFEST_NAME, Manifest, check_relative_path, dump_manifest, parse_manifest
 
+P = ParamSpec("P")
+R = TypeVar("R")
 _CHUNK = 1 << 20
 TMP_MARK = ".tmp-"
 
@@ -48,6 +51,40 @@ def _backend_hint(uri: str) -> str:
     return f"{protocol}:// needs an extra package: {known.get('err') or 'see fsspec docs'}"
 
 
+def credentials_problem(uri: str, e: BaseException) -> StorageError | None:
+    """A StorageError naming the missing credentials and where they are read from, when `e` is
+    a backend's "no credentials" error (botocore's, under s3fs); else None."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return None
+    if not isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        return None
+    return StorageError(
+        f"{uri}: no usable AWS credentials ({e}). s3fs reads them through botocore from AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys), else from the profile AWS_PROFILE (default: "
+        "'default') in ~/.aws/credentials or ~/.aws/config, else from the instance's IAM role; set one of these "
+        "(and AWS_ENDPOINT_URL for an S3-compatible store other than AWS)"
+    )
+
+
+def _storage_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Backends raise their own exception types for missing credentials: turn them into one
+    StorageError at the Folder boundary, where the URI is known."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except Exception as e:
+            problem = credentials_problem(args[0].uri, e)  # type: ignore[attr-defined]
+            if problem is None:
+                raise
+            raise problem from None
+
+    return wrapper
+
+
 class Folder:
     """A directory on any fsspec filesystem; every path argument is relative to it."""
 
@@ -62,6 +99,7 @@ class Folder:
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, check_relative_path(rel))
 
+    @_storage_errors
     def check_folder(self, what: str, *, write: bool) -> None:
         """Fail early, naming `what` (e.g. "--out") and the cause, if this location is a file or,
         with `write`, cannot be created or written: before any paid or long work, not after."""
@@ -98,12 +136,15 @@ class Folder:
         """Human-readable location of `rel`, for error messages."""
         return f"{self.uri}/{rel}"
 
+    @_storage_errors
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    @_storage_errors
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
+    @_storage_errors
     def listdir(self, rel: str = "") -> list[str]:
         """Relative paths of all files below `rel` (recursive)."""
         base = self.path(rel) if rel else self.root
@@ -112,6 +153,7 @@ class Folder:
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.find(base))
 
+    @_storage_errors
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
         try:
             return self.fs.open(self.path(rel), mode)
@@ -143,6 +185,7 @@ class Folder:
         with self.atomic_open(rel) as f:
             f.write(data)
 
+    @_storage_errors
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm(self.path(rel))

@@ -368,7 +368,7 @@ def train_student(
 @app.command("eval")
 def evaluate(
     model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
-    samples: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
+    samples: Annotated[str | None, typer.Option(help="Held-out `pkd teacher-sample` output to score (no default: without it, or [eval] samples in a --recipe, only --tasks run).")] = None,
     recipe: RecipeOption = None,
     base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
     split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,

@@ -87,6 +87,14 @@ def _names_list(v: str | list[str] | None) -> list[str] | None:
     return v
 
 
+def _task_names(v: str | list[str] | None) -> list[str] | None:
+    """`tasks`: a list option that, once given, must name at least one task."""
+    names = _names_list(v)
+    if names is not None and not names:
+        raise ValueError(f"{v!r} names no task: give lm-eval task names, e.g. gsm8k,arc_easy")
+    return names
+
+
 def _compiles(v: str | None) -> str | None:
     """An `answer_pattern` must be a regular expression."""
     if v is not None:
@@ -164,7 +172,7 @@ class EvalConfig(Section):
 
     model: str | None = None  # base model, merged model, or LoRA adapter directory
     base: str | None = None  # base model for an adapter (default: the adapter's own record)
-    samples: str | None = None  # `pkd teacher-sample` output; default: [run] artifact_dir("teacher")
+    samples: str | None = None  # `pkd teacher-sample` output; none: no teacher-sample metrics (never a default path: the model may have nothing to do with a run)
     split: str | None = None  # warmup / align / distill; None (or "all"): every row
     limit: int | None = Field(default=None, ge=1)  # first N samples
     batch_size: int = Field(default=8, ge=1)
@@ -181,7 +189,7 @@ class EvalConfig(Section):
     include_path: str | None = None  # folder of lm-eval task YAML files
     out: str | None = None  # report JSON path (default: print only)
 
-    split_tasks = field_validator("tasks", mode="before")(_names_list)
+    split_tasks = field_validator("tasks", mode="before")(_task_names)
     check_answer_pattern = field_validator("answer_pattern")(_compiles)
 
 

@@ -51,33 +51,33 @@ def _backend_hint(uri: str) -> str:
     return f"{protocol}:// needs an extra package: {known.get('err') or 'see fsspec docs'}"
 
 
-def credentials_problem(uri: str, e: BaseException) -> StorageError | None:
-    """A StorageError naming the missing credentials and where they are read from, when `e` is
-    a backend's "no credentials" error (botocore's, under s3fs); else None."""
-    try:
-        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
-    except ImportError:
-        return None
-    if not isinstance(e, (NoCredentialsError, PartialCredentialsError)):
-        return None
-    return StorageError(
-        f"{uri}: no usable AWS credentials ({e}). s3fs reads them through botocore from AWS_ACCESS_KEY_ID and "
-        "AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys), else from the profile AWS_PROFILE (default: "
-        "'default') in ~/.aws/credentials or ~/.aws/config, else from the instance's IAM role; set one of these "
-        "(and AWS_ENDPOINT_URL for an S3-compatible store other than AWS)"
-    )
+def backend_problem(uri: str, e: BaseException) -> StorageError | None:
+    """A StorageError naming the cause when `e` is a backend's "cannot reach" or "no credentials"
+    error (the Hub offline or unreachable; botocore's missing credentials under s3fs); else None."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if isinstance(e, ConnectionError) or "TransportError" in names:  # httpx's, under the Hub's filesystem
+        hub = " (the Hugging Face Hub: check the network, HF_ENDPOINT, and that HF_HUB_OFFLINE is unset)" if uri.startswith("hf://") else " (check the network and the endpoint)"
+        return StorageError(f"{uri}: cannot be reached ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hub}")
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        return StorageError(
+            f"{uri}: no usable AWS credentials ({e}). s3fs reads them through botocore from AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys), else from the profile AWS_PROFILE (default: "
+            "'default') in ~/.aws/credentials or ~/.aws/config, else from the instance's IAM role; set one of these "
+            "(and AWS_ENDPOINT_URL for an S3-compatible store other than AWS)"
+        )
+    return None
 
 
 def _storage_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """Backends raise their own exception types for missing credentials: turn them into one
-    StorageError at the Folder boundary, where the URI is known."""
+    """Backends raise their own exception types for an unreachable store or missing credentials:
+    turn them into one StorageError at the Folder boundary, where the URI is known."""
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
         except Exception as e:
-            problem = credentials_problem(args[0].uri, e)  # type: ignore[attr-defined]
+            problem = backend_problem(args[0].uri, e)  # type: ignore[attr-defined]
             if problem is None:
                 raise
             raise problem from None
@@ -211,9 +211,21 @@ class Folder:
 
     def read_manifest(self, model: type[Manifest] = Manifest) -> Manifest:
         if not self.exists(MANIFEST_NAME):
+            self._check_reachable()
             raise ManifestError(f"{self.where(MANIFEST_NAME)}: no manifest here; is {self.uri!r} an artifact folder written by pkd?")
         text = self.read_bytes(MANIFEST_NAME).decode("utf-8", errors="replace")
         return parse_manifest(text, self.where(MANIFEST_NAME), model)
+
+    @_storage_errors
+    def _check_reachable(self) -> None:
+        """Some backends answer "does not exist" for a store they cannot reach (the Hub's
+        filesystem in offline mode): ask again in a way that raises the cause."""
+        if isinstance(self.fs, LocalFileSystem):
+            return
+        try:
+            self.fs.info(self.root)
+        except FileNotFoundError:
+            pass
 
     def write_manifest(self, manifest: Manifest) -> None:
         self.write_bytes(MANIFEST_NAME, dump_manifest(manifest).encode())

@@ -106,6 +106,8 @@ CASES: list[tuple[str, str, str]] = [
     ("eval samples is a cache", "eval --model {student} --samples {cache}", "not teacher samples"),
     ("eval bad regex", "eval --answer-pattern (", "not a regular expression"),
     ("eval --out is a folder", "eval --model {student} --samples {teacher} --out {tmp}/emptydir", "is a folder, not a report file"),
+    ("eval nothing to score", "eval --model {student}", "nothing to score"),
+    ("eval --tasks names none", "eval --model {student} --tasks ,", "names no task"),
     ("eval --out under a file", "eval --model {student} --samples {teacher} --out {file}/r.json", "cannot write there"),
     # pkd cache ...
     ("inspect missing", "cache inspect {tmp}/none", "no manifest here"),

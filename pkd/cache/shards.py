@@ -87,11 +87,29 @@ def check_finite(s: LogitSample) -> None:
         raise IntegrityError(f"sample {s.sample_id!r}: its top-k logprobs hold NaN or +inf; nothing written for this shard (check the proxy's dtype and weights)")
 
 
+def check_top_mass(s: LogitSample, vocab_size: int) -> None:
+    """The top-1 of a distribution over V ids has logprob ≥ −log V. A top-k row below that is
+    not a proxy's top-k (all entries ≤ −104 even decoded to +inf): refuse it at the write."""
+    if not s.num_tokens:
+        return
+    top = np.asarray(s.topk_logprobs, np.float64).max(axis=1)  # (T,)
+    low = top < -math.log(vocab_size) - 1e-3
+    if low.any():
+        t = int(np.flatnonzero(low)[0])
+        raise IntegrityError(
+            f"sample {s.sample_id!r}: the top-k logprobs at response position {t} are all ≤ {top[t]:.4g}, below −log V = "
+            f"{-math.log(vocab_size):.4g}: not the top of a distribution over {vocab_size} ids; nothing written for this shard "
+            "(check how the logprobs were computed)"
+        )
+
+
 def encode_table(samples: list[LogitSample], codec: Codec) -> tuple[pa.Table, bytes]:
     """Samples -> Arrow table of the cache schema, and the shard's side data (its codec's tables)."""
     lengths = np.array([s.num_tokens for s in samples], dtype=np.int64)
     for s in samples:
         check_finite(s)
+        if codec.kind == "topk":
+            check_top_mass(s, codec.vocab_size)
         if s.topk_ids.shape != (s.num_tokens, codec.k) or s.topk_logprobs.shape != (s.num_tokens, codec.k):
             raise ValueError(f"sample {s.sample_id}: distribution arrays must be ({s.num_tokens}, {codec.k})")
         if (s.counts is None) != (codec.kind == "topk"):

@@ -115,7 +115,7 @@ class CacheReader:
         self.codec = codec_from_spec(manifest.codec)
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self.verified = verified if verified is not None else set()
-        self.hash_s = 0.0  # time spent hashing (bench/train_student.py reports it)
+        self.hash_s = 0.0  # time spent checking shards as they open, sha256 almost all of it (bench/train_student.py reports it)
 
     def _shard(self, s: int) -> pq.ParquetFile:
         if s in self._open:

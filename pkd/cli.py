@@ -101,10 +101,9 @@ def teacher_sample(
     """Sample the teacher API for every prompt into Parquet shards; resumable, exactly once per sample."""
     from pkd.config import resolve_recipe
     from pkd.steps.teacher_sample import FAILURES, plan_teacher_sample, retryable_failures, run_teacher_sample
+    from pkd.teacher.prompts import parse_fields
 
-    fields = dict(f.split("=", 1) for f in prompts_field or [] if "=" in f) or None
-    if prompts_field and len(fields or {}) != len(prompts_field):
-        raise ConfigError(f"--prompts-field {next(f for f in prompts_field if '=' not in f)!r}: expected FIELD=COLUMN, e.g. prompt=question")
+    fields = parse_fields(prompts_field or []) or None
     flags = dict(
         prompts=prompts, prompts_split=prompts_split, prompts_fields=fields, out=out, base_url=base_url, model=model, api_key_env=api_key_env, system_prompt=system_prompt, n=n,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs, concurrency=concurrency,
@@ -369,7 +368,7 @@ def train_student(
 @app.command("eval")
 def evaluate(
     model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
-    samples: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
+    samples: Annotated[str | None, typer.Option(help="Held-out `pkd teacher-sample` output to score (no default: without it, or [eval] samples in a --recipe, only --tasks run).")] = None,
     recipe: RecipeOption = None,
     base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
     split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
@@ -542,8 +541,9 @@ def _copy(src: str, dst: str, verb: str) -> None:
     from pkd.cache.ops import copy_cache
     from pkd.store import Folder
 
-    m, n = copy_cache(Folder(src), Folder(dst))
-    console.print(f"[green]{verb}[/] {src} -> {dst}: {n} of {len(m.files)} files transferred and verified ({m.total_bytes:,} bytes in the cache)")
+    r = copy_cache(Folder(src), Folder(dst))
+    replaced = "; the destination's manifest differed from the source's and was replaced" if r.manifest_replaced else ""
+    console.print(f"[green]{verb}[/] {src} -> {dst}: {r.transferred} of {len(r.manifest.files)} files transferred and verified ({r.manifest.total_bytes:,} bytes in the cache){replaced}")
 
 
 @cache_app.command("push")

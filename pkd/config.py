@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pkd.errors import ConfigError
 from pkd.models.lora import check_rank, check_targets
@@ -85,6 +85,14 @@ def _names_list(v: str | list[str] | None) -> list[str] | None:
     if isinstance(v, str):
         v = [x.strip() for x in v.split(",") if x.strip()]
     return v
+
+
+def _task_names(v: str | list[str] | None) -> list[str] | None:
+    """`tasks`: a list option that, once given, must name at least one task."""
+    names = _names_list(v)
+    if names is not None and not names:
+        raise ValueError(f"{v!r} names no task: give lm-eval task names, e.g. gsm8k,arc_easy")
+    return names
 
 
 def _compiles(v: str | None) -> str | None:
@@ -164,7 +172,7 @@ class EvalConfig(Section):
 
     model: str | None = None  # base model, merged model, or LoRA adapter directory
     base: str | None = None  # base model for an adapter (default: the adapter's own record)
-    samples: str | None = None  # `pkd teacher-sample` output; default: [run] artifact_dir("teacher")
+    samples: str | None = None  # `pkd teacher-sample` output; none: no teacher-sample metrics (never a default path: the model may have nothing to do with a run)
     split: str | None = None  # warmup / align / distill; None (or "all"): every row
     limit: int | None = Field(default=None, ge=1)  # first N samples
     batch_size: int = Field(default=8, ge=1)
@@ -181,7 +189,7 @@ class EvalConfig(Section):
     include_path: str | None = None  # folder of lm-eval task YAML files
     out: str | None = None  # report JSON path (default: print only)
 
-    split_tasks = field_validator("tasks", mode="before")(_names_list)
+    split_tasks = field_validator("tasks", mode="before")(_task_names)
     check_answer_pattern = field_validator("answer_pattern")(_compiles)
 
 
@@ -293,6 +301,15 @@ class CacheLogitsConfig(Section):
             raise ValueError(f"part {v!r}: expected I/N with 0 <= I < N, e.g. 0/4")
         return v
 
+    @model_validator(mode="after")
+    def _proposal_only_when_sampled(self) -> CacheLogitsConfig:
+        if self.mode == "topk" and self.proposal_temperature != 1.0:
+            raise ValueError(
+                f"proposal_temperature = {self.proposal_temperature} applies to sampled caches only (--sampled N); a top-k cache "
+                "keeps the proxy's top-k at temperature 1: drop --proposal-temperature, or add --sampled N"
+            )
+        return self
+
     @property
     def part_index(self) -> tuple[int, int]:
         """(I, N) of `part`."""
@@ -315,6 +332,8 @@ def _describe(err: dict[str, Any]) -> str:
     key = ".".join(loc[1:])
     if err["type"] == "extra_forbidden":
         return f"{table} unknown key {key!r}" if key else f"unknown table {table}"
+    if not key and err["type"] == "value_error":  # a check across a table's keys: the message names them
+        return f"{table} {err['msg'].removeprefix('Value error, ')}"
     where = f"{table} {key!r}" if key else table
     return f"{where}: {err['msg']} (got {err.get('input')!r})"
 

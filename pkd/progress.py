@@ -1,7 +1,8 @@
 """The only place that draws progress bars (rich). Steps report counts; this module renders them.
 
 A step calls `update()` as work completes; the bar shows done/total, rate and ETA, tokens/s, and
-for request-driven steps requests/s and failures. `trainer_progress()` is the same display for
+for request-driven steps requests/s, failures and a note while one is set (`note()`: e.g. a
+rate-limit pause, with how long and until when). `trainer_progress()` is the same display for
 a transformers/TRL Trainer (step, loss, CE/KL, tokens/s, epoch, ETA). Drawn on the terminal
 (`pkd.console.terminal()`, stderr) so stdout stays clean for summaries and JSON, and so that it
 shows while a step's library output goes to its log file; with `enabled=False` (library use,
@@ -34,7 +35,7 @@ class StepProgress:
 
         counters = "{task.fields[tps]:,.0f} tok/s"
         if requests:
-            counters = "{task.fields[rps]:.1f} req/s " + counters + " [red]{task.fields[failures]} failed"
+            counters = "{task.fields[rps]:.1f} req/s " + counters + " [red]{task.fields[failures]} failed[/] [yellow]{task.fields[note]}"
         self._bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -47,7 +48,7 @@ class StepProgress:
             console=terminal(),
             refresh_per_second=4,
         )
-        self._task = self._bar.add_task(description, total=total, completed=done, rate="-", rps=0.0, tps=0.0, failures=0)
+        self._task = self._bar.add_task(description, total=total, completed=done, rate="-", rps=0.0, tps=0.0, failures=0, note="")
 
     def __enter__(self) -> StepProgress:
         if self._bar is not None:
@@ -57,6 +58,12 @@ class StepProgress:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def note(self, text: str) -> None:
+        """Show `text` at the end of the line until the next note ("" clears it): a wait that
+        would otherwise look like a hang, e.g. every worker paused by an HTTP 429."""
+        if self._bar is not None:
+            self._bar.update(self._task, note=text)
 
     def update(self, *, done: int = 0, tokens: int = 0, requests: int = 0, failures: int = 0) -> None:
         """Add `done` finished units and the tokens/requests/failures that went into them."""

@@ -9,13 +9,14 @@ On object stores the rename is a copy, but the object only appears once fully up
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -24,6 +25,8 @@ from fsspec.registry import known_implementations
 from pkd.errors import ManifestError, StorageError
 from pkd.records import MANIFEST_NAME, Manifest, check_relative_path, dump_manifest, parse_manifest
 
+P = ParamSpec("P")
+R = TypeVar("R")
 _CHUNK = 1 << 20
 TMP_MARK = ".tmp-"
 
@@ -48,6 +51,40 @@ def _backend_hint(uri: str) -> str:
     return f"{protocol}:// needs an extra package: {known.get('err') or 'see fsspec docs'}"
 
 
+def backend_problem(uri: str, e: BaseException) -> StorageError | None:
+    """A StorageError naming the cause when `e` is a backend's "cannot reach" or "no credentials"
+    error (the Hub offline or unreachable; botocore's missing credentials under s3fs); else None."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if isinstance(e, ConnectionError) or "TransportError" in names:  # httpx's, under the Hub's filesystem
+        hub = " (the Hugging Face Hub: check the network, HF_ENDPOINT, and that HF_HUB_OFFLINE is unset)" if uri.startswith("hf://") else " (check the network and the endpoint)"
+        return StorageError(f"{uri}: cannot be reached ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hub}")
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        return StorageError(
+            f"{uri}: no usable AWS credentials ({e}). s3fs reads them through botocore from AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys), else from the profile AWS_PROFILE (default: "
+            "'default') in ~/.aws/credentials or ~/.aws/config, else from the instance's IAM role; set one of these "
+            "(and AWS_ENDPOINT_URL for an S3-compatible store other than AWS)"
+        )
+    return None
+
+
+def _storage_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Backends raise their own exception types for an unreachable store or missing credentials:
+    turn them into one StorageError at the Folder boundary, where the URI is known."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except Exception as e:
+            problem = backend_problem(args[0].uri, e)  # type: ignore[attr-defined]
+            if problem is None:
+                raise
+            raise problem from None
+
+    return wrapper
+
+
 class Folder:
     """A directory on any fsspec filesystem; every path argument is relative to it."""
 
@@ -62,6 +99,7 @@ class Folder:
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, check_relative_path(rel))
 
+    @_storage_errors
     def check_folder(self, what: str, *, write: bool) -> None:
         """Fail early, naming `what` (e.g. "--out") and the cause, if this location is a file or,
         with `write`, cannot be created or written: before any paid or long work, not after."""
@@ -98,12 +136,15 @@ class Folder:
         """Human-readable location of `rel`, for error messages."""
         return f"{self.uri}/{rel}"
 
+    @_storage_errors
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    @_storage_errors
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
+    @_storage_errors
     def listdir(self, rel: str = "") -> list[str]:
         """Relative paths of all files below `rel` (recursive)."""
         base = self.path(rel) if rel else self.root
@@ -112,6 +153,7 @@ class Folder:
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in self.fs.find(base))
 
+    @_storage_errors
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
         try:
             return self.fs.open(self.path(rel), mode)
@@ -143,6 +185,7 @@ class Folder:
         with self.atomic_open(rel) as f:
             f.write(data)
 
+    @_storage_errors
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm(self.path(rel))
@@ -168,9 +211,21 @@ class Folder:
 
     def read_manifest(self, model: type[Manifest] = Manifest) -> Manifest:
         if not self.exists(MANIFEST_NAME):
+            self._check_reachable()
             raise ManifestError(f"{self.where(MANIFEST_NAME)}: no manifest here; is {self.uri!r} an artifact folder written by pkd?")
         text = self.read_bytes(MANIFEST_NAME).decode("utf-8", errors="replace")
         return parse_manifest(text, self.where(MANIFEST_NAME), model)
+
+    @_storage_errors
+    def _check_reachable(self) -> None:
+        """Some backends answer "does not exist" for a store they cannot reach (the Hub's
+        filesystem in offline mode): ask again in a way that raises the cause."""
+        if isinstance(self.fs, LocalFileSystem):
+            return
+        try:
+            self.fs.info(self.root)
+        except FileNotFoundError:
+            pass
 
     def write_manifest(self, manifest: Manifest) -> None:
         self.write_bytes(MANIFEST_NAME, dump_manifest(manifest).encode())

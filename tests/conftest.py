@@ -12,6 +12,15 @@ from pkd.models.tiny import TinyFamily, build_family
 from pkd.toy.world import ToyWorld, build_world
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own empty working directory: nothing an earlier command left in the
+    checkout (a demo run under cache/, say) changes a result, and no default path of a test
+    (the recipe's cache/<run>/...) writes into the checkout. Paths to the repository's own files
+    are absolute (REPO = Path(__file__)...)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     """Tokenizer, student, proxy and teacher sharing one vocabulary (float32, random init)."""

@@ -47,6 +47,9 @@ CASES: list[tuple[str, str, str]] = [
     ("prompt last role", "teacher-sample --prompts {assistant_last_jsonl} --out {tmp}/o10 --base-url {api}", "must be from the user"),
     ("prompts parquet junk", "teacher-sample --prompts {junk_parquet} --out {tmp}/o11 --base-url {api}", "not a readable Parquet file"),
     ("prompts folder not a dataset", "teacher-sample --prompts {tmp}/emptydir --out {tmp}/o12 --base-url {api}", "not a saved HF dataset"),
+    ("prompts garbage dataset_dict.json", "teacher-sample --prompts {garbage_dataset} --out {tmp}/o14 --base-url {api}", "a saved HF dataset directory that cannot be read"),
+    ("prompts field mapped twice", "teacher-sample --prompts {prompts} --out {tmp}/o15 --base-url {api} --prompts-field prompt=reference --prompts-field prompt=id", "'prompt' is already mapped to column 'reference'"),
+    ("prompts field without =", "teacher-sample --prompts {prompts} --out {tmp}/o16 --base-url {api} --prompts-field prompt", "expected FIELD=COLUMN"),
     # teacher-sample: options and output
     ("--n 0", "teacher-sample --prompts {prompts} --n 0 --base-url {api}", "'n'"),
     ("--temperature 3", "teacher-sample --prompts {prompts} --temperature 3 --base-url {api}", "'temperature'"),
@@ -79,6 +82,9 @@ CASES: list[tuple[str, str, str]] = [
     ("cache-logits --overflow foo", "cache-logits --overflow foo", "'overflow'"),
     ("cache-logits --out is a file", "cache-logits --teacher {teacher} --model {proxy} --no-adapter --split warmup --out {file}", "is a file, not a folder"),
     ("cache-logits --out under a file", "cache-logits --teacher {teacher} --model {proxy} --no-adapter --split warmup --out {file}/sub --engine hf", "cannot write there"),
+    ("cache-logits proposal temperature without --sampled", "cache-logits --k 8 --proposal-temperature 2", "applies to sampled caches only"),
+    ("cache-logits sampled from a NaN proxy", "cache-logits --teacher {teacher} --model {nan_proxy} --no-adapter --split warmup --sampled 8 --engine hf --out {tmp}/c3", "is not a finite number"),
+    ("cache-logits top-k from a NaN proxy", "cache-logits --teacher {teacher} --model {nan_proxy} --no-adapter --split warmup --k 8 --engine hf --out {tmp}/c4", "is not a finite number"),
     ("cache-logits --out teacher folder", "cache-logits --teacher {teacher} --model {proxy} --no-adapter --split warmup --out {teacher}", "holds a 'teacher' artifact"),
     # train-student
     ("train cache missing", "train-student --cache {tmp}/none --student {student} --out {tmp}/s1", "no manifest here"),
@@ -100,6 +106,8 @@ CASES: list[tuple[str, str, str]] = [
     ("eval samples is a cache", "eval --model {student} --samples {cache}", "not teacher samples"),
     ("eval bad regex", "eval --answer-pattern (", "not a regular expression"),
     ("eval --out is a folder", "eval --model {student} --samples {teacher} --out {tmp}/emptydir", "is a folder, not a report file"),
+    ("eval nothing to score", "eval --model {student}", "nothing to score"),
+    ("eval --tasks names none", "eval --model {student} --tasks ,", "names no task"),
     ("eval --out under a file", "eval --model {student} --samples {teacher} --out {file}/r.json", "cannot write there"),
     # pkd cache ...
     ("inspect missing", "cache inspect {tmp}/none", "no manifest here"),
@@ -116,11 +124,26 @@ CASES: list[tuple[str, str, str]] = [
     ("pull a teacher folder", "cache pull {teacher} {tmp}/d1", "holds a 'teacher' artifact, not a logit cache"),
     ("pull over another cache", "cache pull {cache} {other_cache}", "holds a different cache"),
     ("push to unknown protocol", "cache push {cache} foo://x", "unknown storage protocol 'foo'"),
+    ("push to S3 without credentials", "cache push {cache} s3://pkd-no-credentials/x", "no usable AWS credentials"),
+    ("pull from S3 without credentials", "cache pull s3://pkd-no-credentials/x {tmp}/d2", "AWS_ACCESS_KEY_ID"),
     # usage errors from the command line parser
     ("unknown command", "nope", "No such command"),
     ("demo seed not a number", "demo --seed abc", "Invalid value"),
     ("train --max-steps text", "train-student --max-steps many", "Invalid value"),
 ]
+
+
+def _nan_model(model_dir: Path, out: Path) -> str:
+    """The tiny proxy with one output row NaN: every position's logits hold a NaN."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[3] = float("nan")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +170,10 @@ def places(tmp_path_factory: pytest.TempPathFactory, tiny_family: Any, scored_ca
     p["list_jsonl"] = w("list.jsonl", "[1, 2]\n")
     p["assistant_last_jsonl"] = w("asst.jsonl", json.dumps({"id": "a", "messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
     p["junk_parquet"] = w("junk.parquet", b"PAR1 not really")
+    (tmp / "garbage-dataset").mkdir()
+    p["garbage_dataset"] = str(tmp / "garbage-dataset")
+    w("garbage-dataset/dataset_dict.json", "{not json")
+    p["nan_proxy"] = _nan_model(tiny_family.proxy, tmp / "nan-proxy")
     p["file"] = w("a-file", "x")
     p["foreign"] = str(tmp / "foreign")
     p["latin1_toml"] = w("latin1.toml", "[run]\nname = 'caf\xe9'\n".encode("latin-1"))
@@ -187,8 +214,18 @@ def test_the_table_is_big_and_distinct() -> None:
 @pytest.mark.parametrize(("name", "line", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(places: dict[str, str], name: str, line: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(places["tmp"])  # recipe defaults (cache/<run>/...) land in the test's folder
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)  # S3 cases: no credentials from anywhere (nor a wait on the metadata service)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", f"{places['tmp']}/no-aws-credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", f"{places['tmp']}/no-aws-config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    if "s3://" in line:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # one made with credentials by another test would be reused
     args = [a.format(**places) for a in line.split()]
     args = ["" if a == "''" else a.replace("=''", "=") for a in args]
+    fresh = [Path(a) for a in args if a.startswith(places["tmp"] + "/") and not Path(a).exists()]  # e.g. --out folders
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0, f"{name}: accepted\n{result.output}"
     assert result.exception is None or isinstance(result.exception, SystemExit), f"{name}: {result.exception!r}"
@@ -198,6 +235,8 @@ def test_bad_input_is_one_clear_line(places: dict[str, str], name: str, line: st
     assert len(ours) == 1 or usage, f"{name}: not one error line\n{result.output}"
     assert expected in result.output, f"{name}: expected {expected!r}\n{result.output}"
     assert " at at " not in result.output and "recipe file not found" not in result.output or expected == "recipe file not found"
+    written = [f for p in fresh if p.is_dir() for f in p.rglob("*") if f.is_file()]
+    assert not written, f"{name}: a refused command wrote {written}"
     if line.startswith("train-student") and "--out {tmp}" in line:
         out = Path(args[args.index("--out") + 1])
         assert not (out / "run_config.json").exists(), f"{name}: left a run record that would block the corrected command"

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pkd.cli import app
+from test_eval import plant_demo_run
 
 pytest.importorskip("lm_eval")
 
@@ -58,7 +59,11 @@ def adapter_of(student: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["base", "adapter"])
-def test_local_tasks_end_to_end(tiny_family, tmp_path, kind):
+def test_local_tasks_end_to_end(tiny_family, tmp_path, kind, monkeypatch):
+    """Run from a folder that holds a demo run (`make demo` then `make test` in one clone): the
+    demo's held-out samples must not find their way into the report."""
+    monkeypatch.chdir(tmp_path)
+    plant_demo_run(tmp_path)
     tasks = write_tasks(tmp_path)
     model = tiny_family.student if kind == "base" else adapter_of(tiny_family.student, tmp_path / "adapter")
     report_path = tmp_path / "report.json"
@@ -67,7 +72,7 @@ def test_local_tasks_end_to_end(tiny_family, tmp_path, kind):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
-    assert "rows" not in report and "no teacher samples at" in report["skipped"]  # benchmarks only
+    assert "rows" not in report and "no teacher samples named" in report["skipped"]  # benchmarks only
     bench = report["benchmarks"]
     assert bench["tasks"]["pkd_short_gold"]["acc,none"] == 1.0
     assert bench["tasks"]["pkd_long_gold"]["acc,none"] == 0.0

@@ -96,3 +96,26 @@ def test_cli_dry_run_and_offline_push(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     r = CliRunner().invoke(app, ["cache", "push", cache, "hf://datasets/acme/toy-logits"])
     assert r.exit_code == 1 and "nothing was committed" in r.output, r.output
+
+
+@pytest.mark.parametrize("how", ["offline", "unreachable"])
+def test_a_hub_cache_that_cannot_be_reached_says_so(tmp_path, monkeypatch, tiny_family, how):
+    """`cache pull hf://...` and `train-student --cache hf://...` with no Hub: the cause, not "no
+    manifest here" (the Hub's filesystem answers "does not exist" in offline mode)."""
+    import huggingface_hub.constants
+    from huggingface_hub import HfFileSystem
+
+    if how == "offline":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port
+    HfFileSystem.clear_instance_cache()
+    try:
+        for args in (["cache", "pull", "hf://datasets/acme/toy-logits", str(tmp_path / "d")],
+                     ["train-student", "--cache", "hf://datasets/acme/toy-logits", "--student", str(tiny_family.student), "--out", str(tmp_path / "s")]):  # fmt: skip
+            r = CliRunner().invoke(app, args)
+            lines = [x for x in r.output.splitlines() if x.startswith("error:")]
+            assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output, r.output
+            assert "cannot be reached" in lines[0] and "no manifest here" not in lines[0] and "hf://datasets/acme/toy-logits" in lines[0]
+    finally:
+        HfFileSystem.clear_instance_cache()

@@ -108,3 +108,25 @@ def test_answer_pattern_picks_the_last_stated_answer():
     assert matches("so. Answer: 12", "12", pattern) and not matches("Answer: 12", "1", pattern)
     assert not matches("twelve", "twelve", pattern)  # a pattern that finds nothing never matches
     assert matches(" The  Answer ", "the answer", None)
+
+
+def plant_demo_run(root) -> None:
+    """What `make demo` leaves in a checkout: teacher samples where the embedded recipe's paths
+    point (cache/demo/full/run/teacher and .../teacher-heldout)."""
+    for name in ("teacher", "teacher-heldout"):
+        write_teacher_samples(str(root / "cache" / "demo" / "full" / "run" / name))
+
+
+def test_eval_scores_no_samples_it_was_not_given(tiny_family, tmp_path, monkeypatch):
+    """From a folder holding a demo run, `pkd eval --model M` used to score the demo's held-out
+    samples for a model that has nothing to do with the demo; now it names what to pass."""
+    monkeypatch.chdir(tmp_path)
+    plant_demo_run(tmp_path)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_family.student), "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and "nothing to score" in result.output and "--samples" in result.output, result.output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_tasks_that_name_no_task_are_refused_as_such(tiny_family):
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_family.student), "--tasks", ","])
+    assert result.exit_code == 2 and "[eval] 'tasks'" in result.output and "names no task" in result.output, result.output

@@ -56,7 +56,7 @@ def test_lora_on_the_output_layer_is_not_fused(tiny_family, scored_cache, tmp_pa
 def test_tensor_parallel_ranks_are_not_counted_as_data_parallel(tiny_family, scored_cache, tmp_path, monkeypatch):
     """4 processes of tensor-parallel size 2 are 2 data-parallel replicas: the loss is scaled by
     2 / num_items_in_batch, as Trainer's own compute_loss does, not by 4 / num_items_in_batch."""
-    assert data_parallel_scale(4, 2, 1) == 2 and data_parallel_scale(8, 1, 1) == 8
+    assert data_parallel_scale(4, 2) == 2 and data_parallel_scale(8, 1) == 8
     trainer = make_trainer(tiny_family, scored_cache, tmp_path, fused=True, steps=1)
     batch = next(iter(trainer.get_train_dataloader()))
     items = torch.tensor(100)
@@ -73,3 +73,16 @@ def test_logit_transforms_in_the_config_are_not_fused(tiny_family, scored_cache,
     trainer.model.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits = 30·tanh(h·Wᵀ/30)
     weight, why = trainer._output_weight(trainer.model)
     assert weight is None and "final_logit_softcapping" in why
+
+
+def test_one_process_with_several_gpus_is_scaled_once(tiny_family, scored_cache, tmp_path):
+    """DataParallel: Trainer passes num_items_in_batch as the count repeated per GPU, shape
+    (n_gpu, 1), and args.n_gpu = 2. pkd's loss is computed once on the gathered outputs, so it is
+    the one-GPU loss (it raised ValueError on the (2, 1) tensor, and scaled by 2 once that passed)."""
+    assert data_parallel_scale(1, 1) == 1
+    trainer = make_trainer(tiny_family, scored_cache, tmp_path, fused=True, steps=1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    one = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(100)).item()
+    trainer.args._n_gpu = 2  # what TrainingArguments holds in one process that sees two GPUs
+    per_gpu = torch.tensor(100).unsqueeze(0).expand(2, -1)  # (2, 1): Trainer._get_num_items_in_batch under DataParallel
+    assert trainer.compute_loss(trainer.model, batch, num_items_in_batch=per_gpu).item() == pytest.approx(one, rel=1e-6)

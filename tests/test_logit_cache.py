@@ -104,3 +104,22 @@ def test_non_finite_token_logprob_is_refused_at_the_write(tmp_path, bad) -> None
         writer.close()
     m = folder.read_manifest(LogitCacheManifest)
     assert not m.complete and len(m.files) == 1 and m.rows == 3
+
+
+def test_a_top_k_row_below_any_distribution_is_refused_at_the_write(tmp_path) -> None:
+    """All of a position's top-k logprobs ≤ −104 decoded to +inf (the decoder rescales a mass that
+    underflows to 0); the top-1 of a distribution over V ids is ≥ −log V, so refuse such a row,
+    naming the sample and the position. A uniform row (top-1 = −log V exactly) is fine."""
+    from pkd.errors import IntegrityError
+
+    samples = make_samples(3, k=4)
+    uniform = samples[0]
+    uniform.topk_logprobs = np.full_like(uniform.topk_logprobs, -np.log(512))  # VOCAB = 512
+    bad = samples[2]
+    bad.topk_logprobs = bad.topk_logprobs.copy()
+    bad.topk_logprobs[min(2, bad.num_tokens - 1)] = -110.0
+    with pytest.raises(IntegrityError, match=rf"sample {bad.sample_id!r}: the top-k logprobs at response position {min(2, bad.num_tokens - 1)} are all ≤ -110"):
+        write_cache(str(tmp_path / "bad"), samples)
+    m = write_cache(str(tmp_path / "ok"), samples[:2])
+    got = list(iter_samples(Folder(str(tmp_path / "ok")), m))
+    assert np.isfinite(got[0].topk_logprobs).all()

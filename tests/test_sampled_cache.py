@@ -126,3 +126,18 @@ def test_train_student_on_a_sampled_cache(tiny_family, sampled_cache: str, tmp_p
     assert train_student(cfg, RunConfig()).status == "trained"
     logged = [h for h in json.loads((tmp_path / "s" / "report.json").read_text())["log_history"] if "loss" in h]
     assert len(logged) == 4 and all(np.isfinite(h["loss"]) and h["kl"] > 0 and h["ce"] > 0 for h in logged)
+
+
+def test_train_student_refuses_a_kd_temperature_other_than_the_proposal(tiny_family, sampled_cache: str, tmp_path: Path) -> None:
+    """T ≠ τ biases the RS-KD gradient (bench/rs_kd_bias.py): one line saying how to redraw, and
+    nothing written; it used to train silently."""
+    from typer.testing import CliRunner
+
+    from pkd.cli import app
+
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, ["train-student", "--cache", sampled_cache, "--student", str(tiny_family.student), "--out", str(out), "--temperature", "2"])
+    errors = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert result.exit_code != 0 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "unbiased only at T = τ" in errors[0] and f"--sampled {N} --proposal-temperature 2" in errors[0]
+    assert not [p for p in out.rglob("*") if p.is_file()]

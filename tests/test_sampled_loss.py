@@ -207,3 +207,20 @@ def test_fused_sampled_loss_equals_the_loss_on_the_logits(temperature, proposal_
     assert float(ref.kl) > 0
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_gradient_is_unbiased_at_t_equal_tau_and_biased_otherwise() -> None:
+    """bench/rs_kd_bias.py's Monte Carlo, smaller: at T = τ = 2 the error is noise, at T = 1 with
+    draws at τ = 2 it is far outside it (why train-student refuses T ≠ τ)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("rs_kd_bias", Path(__file__).resolve().parent.parent / "bench" / "rs_kd_bias.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(0)
+    p_logits, z = 2.0 * torch.randn(50, generator=gen, dtype=torch.float64), torch.randn(50, generator=gen, dtype=torch.float64)
+    same, se = bench.relative_bias(p_logits, z, 2.0, 2.0, 12, 40_000, seed=1)
+    assert abs(same) < 4 * se
+    other, se = bench.relative_bias(p_logits, z, 1.0, 2.0, 12, 40_000, seed=1)
+    assert other < -0.04 and abs(other) > 20 * se

@@ -1,7 +1,9 @@
 """Tampered logit caches: deleted, truncated, appended, swapped and same-size-rewritten shards,
 seeded single-bit flips anywhere in a shard, `data/` replaced by a file, and manifest edits
-(counts, μ/γ, entries, sha256). `pkd cache verify`, `pkd cache pull` and `pkd train-student` must
-each refuse every case, in one line, with no traceback; the untouched cache passes all three."""
+(counts, μ/γ, entries, sha256, bytes, teacher). `pkd cache verify`, `pkd cache pull` and `pkd
+train-student` must each refuse every case, in one line, with no traceback; the untouched cache
+passes all three. The public reader `iter_samples` raises pkd's IntegrityError for every case that
+damages a shard (the manifest-only edits leave the samples it yields intact)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typer.testing import CliRunner, Result
 
 from pkd.cache.coded import codec_from_spec
 from pkd.cache.ops import read_cache_manifest
-from pkd.cache.shards import decode_batch, open_shard, shard_side, write_shard
+from pkd.cache.shards import decode_batch, iter_samples, open_shard, shard_side, write_shard
 from pkd.cli import app
+from pkd.errors import IntegrityError
 from pkd.store import Folder
 
 FLIPS = 16
@@ -143,6 +146,8 @@ CASES: dict[str, Callable[[Path], None]] = {
     "entry removed, counts adjusted": _drop_entry(consistent=True),
     "entry sha256 edited": _set("files.0.sha256", lambda v: ("0" if v[0] != "0" else "1") + v[1:]),
     "entry rows edited": _set("files.2.rows", lambda v: v - 1),
+    "entry bytes edited": _set("files.1.bytes", lambda v: v + 1),
+    "teacher_model edited": _set("teacher_model", lambda v: f"{v}-other"),
 }
 
 
@@ -195,6 +200,77 @@ def test_pull_into_a_damaged_copy_repairs_it(scored_cache: str, tmp_path: Path) 
     assert again.exit_code == 0 and "2 of 3 files transferred" in again.output, again.output
     assert runner.invoke(app, ["cache", "verify", str(dst)]).exit_code == 0
     assert "0 of 3 files transferred" in runner.invoke(app, ["cache", "pull", scored_cache, str(dst)]).output
+
+
+MANIFEST_ONLY = {"counts.rows edited", "counts.tokens edited", "μ edited", "γ edited", "entry removed", "entry removed, counts adjusted"}
+
+
+def _read_all(cache: Path) -> list:
+    folder = Folder(str(cache))
+    return list(iter_samples(folder, read_cache_manifest(folder)))
+
+
+def test_iter_samples_refuses_every_damaged_shard(tampered: Callable[[str], Path]) -> None:
+    """The reader the dataset card tells users to call: pkd's one error, naming the shard, for
+    every case that changes a shard's bytes or the entry describing them."""
+    clean = {s.sample_id: s for s in _read_all(tampered("untouched"))}
+    caught = returned = 0
+    for case in CASES:
+        try:
+            samples = _read_all(tampered(case))
+        except IntegrityError as e:
+            assert "data/" in str(e), f"{case}: {e}"
+            caught += 1
+            continue
+        assert case in MANIFEST_ONLY, f"iter_samples returned data for {case}"
+        for s in samples:  # what it yields is the untouched cache's data
+            np.testing.assert_array_equal(s.topk_ids, clean[s.sample_id].topk_ids)
+            np.testing.assert_array_equal(s.token_logprob, clean[s.sample_id].token_logprob)
+        returned += 1
+    print(f"iter_samples: {caught} of {len(CASES)} tampered caches refused, {returned} manifest-only edits read intact")
+    assert caught == len(CASES) - len(MANIFEST_ONLY)
+
+
+def test_iter_samples_catches_every_single_byte_change(scored_cache: str, tmp_path: Path) -> None:
+    """60 seeded single-byte changes anywhere in a shard: each one raises IntegrityError (before
+    the sha256 check, 9 returned other numbers and 4 raised OSError or UnicodeDecodeError)."""
+    shutil.copytree(scored_cache, tmp_path / "c")
+    shards = _shards(tmp_path / "c")
+    originals = [p.read_bytes() for p in shards]
+    for seed in range(60):
+        rng = np.random.default_rng(1000 + seed)
+        i = int(rng.integers(len(shards)))
+        data = bytearray(originals[i])
+        data[int(rng.integers(len(data)))] ^= int(rng.integers(1, 256))
+        shards[i].write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match="sha256|bytes|readable"):
+            _read_all(tmp_path / "c")
+        shards[i].write_bytes(originals[i])
+    assert len(_read_all(tmp_path / "c")) == 48
+
+
+def test_pull_replaces_a_destination_manifest_that_differs(scored_cache: str, tmp_path: Path) -> None:
+    """The destination holds the same shards under a manifest with another teacher_model: pull
+    rewrites the source's manifest (it used to keep the wrong one and say all was verified)."""
+    runner, dst = CliRunner(), tmp_path / "copy"
+    assert runner.invoke(app, ["cache", "pull", scored_cache, str(dst)]).exit_code == 0
+    _set("teacher_model", lambda v: f"{v}-other")(dst)
+    again = runner.invoke(app, ["cache", "pull", scored_cache, str(dst)])
+    assert again.exit_code == 0 and "0 of 3 files transferred" in again.output and "manifest differed" in again.output, again.output
+    assert json.loads((dst / "manifest.json").read_text()) == json.loads((Path(scored_cache) / "manifest.json").read_text())
+    assert runner.invoke(app, ["cache", "verify", str(dst)]).exit_code == 0
+    assert "manifest differed" not in runner.invoke(app, ["cache", "pull", scored_cache, str(dst)]).output
+
+
+def test_pull_checks_each_shard_size(scored_cache: str, tmp_path: Path) -> None:
+    """A source manifest listing a wrong size: pull refuses (it reported 3 of 3 verified, and
+    `verify` failed on the copy), and leaves no manifest at the destination."""
+    src = tmp_path / "src"
+    shutil.copytree(scored_cache, src)
+    _set("files.1.bytes", lambda v: v - 7)(src)
+    result = CliRunner().invoke(app, ["cache", "pull", str(src), str(tmp_path / "dst")])
+    assert result.exit_code != 0 and "the manifest says" in _one_line(result), result.output
+    assert not (tmp_path / "dst" / "manifest.json").exists()
 
 
 @pytest.mark.slow

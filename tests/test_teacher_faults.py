@@ -188,3 +188,31 @@ def test_answers_commit_on_a_time_interval(tmp_path: Path) -> None:
         assert len(parts) >= 3 and len(ledger(out)) == 10  # not one commit at the end
     finally:
         api.close()
+
+
+def test_a_429_pause_is_shown_on_the_progress_line(tmp_path: Path) -> None:
+    """Retry-After: 3600 under --retry-after-max 2 pauses every worker; the progress line says so
+    (status, how long, until when, the cap) instead of standing still without a word. A real
+    subprocess on a terminal-like stderr, so that the bar draws as it does for a user."""
+    import subprocess
+    import sys
+
+    def script(body: dict, attempt: int) -> Reply | None:
+        if last_user(body) == "q1" and attempt == 1:
+            return error(429, "rate limited", {"Retry-After": "3600"})
+        return None
+
+    api = FakeAPI(script)
+    repo = Path(__file__).resolve().parent.parent
+    env = os.environ | {"PYTHONPATH": str(repo), "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "200", "OPENAI_API_KEY": ""}
+    try:
+        args = [sys.executable, str(repo / "cli.py"), "teacher-sample", "--prompts", str(prompts_file(tmp_path)), "--out", str(tmp_path / "out"),
+                "--base-url", api.url, "--model", "m", "--retry-after-max", "2", "--concurrency", "2"]  # fmt: skip
+        start = time.monotonic()
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert time.monotonic() - start >= 2  # the pause happened
+        assert "HTTP 429: all paused 2 s, until " in proc.stderr and "(Retry-After 3,600 s capped)" in proc.stderr, proc.stderr[-2000:]
+        assert manifest(tmp_path / "out").counts["samples"] == 12
+    finally:
+        api.close()

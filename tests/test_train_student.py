@@ -67,6 +67,14 @@ def test_trains_lora_and_writes_outputs(tiny_family, scored_cache, tmp_path):
     assert again.status == "up to date"
 
 
+def test_the_summary_counts_every_token_when_logging_steps_exceed_the_steps(tiny_family, scored_cache, tmp_path):
+    """--logging-steps 10 over 3 steps: the last step is logged, so the summary's tokens are those
+    of all 3 steps (it said "0 tokens"), the same as logging every step."""
+    every = train_student(config(tiny_family, scored_cache, tmp_path / "a", max_steps=3, save_steps=10), RunConfig())
+    rare = train_student(config(tiny_family, scored_cache, tmp_path / "b", max_steps=3, save_steps=10, logging_steps=10), RunConfig())
+    assert rare.tokens > 0 and rare.tokens == every.tokens and rare.final and rare.final["loss"] > 0
+
+
 def test_a_seed_fixes_the_lora_initialisation(tiny_family, scored_cache, tmp_path):
     """Trainer seeds only once the model exists; the adapter's A matrices are drawn before that,
     so a seed must cover them too, or one seed gives two different students."""

@@ -9,6 +9,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pkd.cache.coded import Codec, codec_from_spec
 from pkd.errors import CompatibilityError, IntegrityError, ManifestError, PkdError, StorageError
@@ -16,9 +17,11 @@ from pkd.cache.shards import (
     SHARD_DIR,
     LogitSample,
     check_compatible,
+    check_shard_bytes,
     check_shard_header,
     decode_batch,
     iter_column,
+    open_checked,
     open_shard,
     seq_logprob_stats,
     shard_name,
@@ -255,41 +258,62 @@ def merge(parts: list[Folder], out: Folder) -> LogitCacheManifest:
 
 
 def _copy_checked(src: Folder, entry: FileEntry, dst: Folder, dst_rel: str) -> None:
-    """Copy one shard, hashing the bytes on the way; a mismatch leaves nothing at the destination."""
-    h = hashlib.sha256()
+    """Copy one shard, counting and hashing the bytes on the way; a size or sha256 that differs
+    from the entry's leaves nothing at the destination."""
+    h, size = hashlib.sha256(), 0
     with src.open(entry.path) as fin, dst.atomic_open(dst_rel) as fout:
         while chunk := fin.read(1 << 20):
             h.update(chunk)
+            size += len(chunk)
             fout.write(chunk)
+        if size != entry.bytes:
+            raise IntegrityError(f"{src.where(entry.path)}: {size:,} bytes, the manifest says {entry.bytes:,} (a damaged manifest or shard); nothing copied for it")
         if h.hexdigest() != entry.sha256:
             raise IntegrityError(f"{src.where(entry.path)}: sha256 does not match the manifest (corrupted or tampered); nothing copied for it")
 
 
-def copy_cache(src: Folder, dst: Folder) -> tuple[LogitCacheManifest, int]:
+def _check_tokens(folder: Folder, entry: FileEntry, pf: pq.ParquetFile) -> None:
+    """The shard's response tokens (its num_tokens column) are the entry's."""
+    tokens = sum(int(b.column(0).to_numpy().sum()) for b in pf.iter_batches(columns=["num_tokens"]))
+    if tokens != entry.tokens:
+        raise IntegrityError(f"{folder.where(entry.path)}: {tokens:,} tokens, the manifest says {entry.tokens:,}; the manifest was edited or damaged")
+
+
+@dataclass
+class CopyReport:
+    manifest: LogitCacheManifest
+    transferred: int  # shards copied (the others were already there, checked)
+    manifest_replaced: bool  # the destination held these shards under a manifest that differed
+
+
+def copy_cache(src: Folder, dst: Folder) -> CopyReport:
     """Copy a complete cache between locations (push and pull), verified on the way: the source
     manifest's counts must match its file list, manifest paths are checked to stay inside `dst`,
-    each file's sha256 is checked while it streams, each copied shard's schema and metadata are
-    checked at the destination, μ/γ are recomputed there, and the manifest comes last. Files
-    already at the destination are hashed: kept if right, copied again if not (resumable, and a
-    second pull repairs a damaged copy). Returns the manifest and the number of files transferred."""
+    each file's size and sha256 are checked while it streams, every shard at the destination is
+    checked against the manifest (schema, footer metadata, rows, tokens), μ/γ are recomputed
+    there, and the manifest comes last. Files already at the destination are hashed: kept if
+    right, copied again if not (resumable, and a second pull repairs a damaged copy); a
+    destination manifest that differs from the source's is replaced. So a copy reported as
+    verified is one `pkd cache verify --no-decode` accepts."""
     manifest = read_cache_manifest(src)
     if not manifest.complete:
         raise IntegrityError(f"{src.uri}: cache is incomplete; only complete caches are shared")
     check_counts(src, manifest, strays=False)
     dst.check_folder("destination", write=True)
-    if dst.has_manifest():
-        existing = read_cache_manifest(dst)
-        if not (existing.complete and existing.files == manifest.files):
-            raise StorageError(f"{dst.uri}: holds a different cache already; choose a new destination")
+    existing = read_cache_manifest(dst) if dst.has_manifest() else None
+    if existing is not None and not (existing.complete and existing.files == manifest.files):
+        raise StorageError(f"{dst.uri}: holds a different cache already; choose a new destination")
     dst.remove_temporaries()
     transferred = 0
     for entry in manifest.files:
-        if dst.exists(entry.path) and dst.size(entry.path) == entry.bytes and dst.sha256(entry.path) == entry.sha256:
-            continue
-        _copy_checked(src, entry, dst, entry.path)
-        transferred += 1
-        check_shard_header(dst, entry.path, open_shard(dst, entry.path), manifest)
+        try:
+            check_shard_bytes(dst, entry)
+        except IntegrityError:
+            _copy_checked(src, entry, dst, entry.path)
+            transferred += 1
+        _check_tokens(dst, entry, open_checked(dst, entry, manifest, hashed=True))
     check_stats(dst, manifest)
-    if transferred or not dst.has_manifest():
+    replaced = existing is not None and existing != manifest
+    if transferred or existing != manifest:
         dst.write_manifest(manifest)
-    return manifest, transferred
+    return CopyReport(manifest, transferred, replaced)

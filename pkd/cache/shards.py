@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pkd.cache.coded import Codec, codec_from_spec
-from pkd.errors import CompatibilityError, IntegrityError, ManifestError
+from pkd.errors import CompatibilityError, IntegrityError, ManifestError, StorageError
 from pkd.records import FileEntry, LogitCacheManifest, SeqLogprobStats, logit_cache_schema
 from pkd.store import Folder
 
@@ -87,11 +87,29 @@ def check_finite(s: LogitSample) -> None:
         raise IntegrityError(f"sample {s.sample_id!r}: its top-k logprobs hold NaN or +inf; nothing written for this shard (check the proxy's dtype and weights)")
 
 
+def check_top_mass(s: LogitSample, vocab_size: int) -> None:
+    """The top-1 of a distribution over V ids has logprob ≥ −log V. A top-k row below that is
+    not a proxy's top-k (all entries ≤ −104 even decoded to +inf): refuse it at the write."""
+    if not s.num_tokens:
+        return
+    top = np.asarray(s.topk_logprobs, np.float64).max(axis=1)  # (T,)
+    low = top < -math.log(vocab_size) - 1e-3
+    if low.any():
+        t = int(np.flatnonzero(low)[0])
+        raise IntegrityError(
+            f"sample {s.sample_id!r}: the top-k logprobs at response position {t} are all ≤ {top[t]:.4g}, below −log V = "
+            f"{-math.log(vocab_size):.4g}: not the top of a distribution over {vocab_size} ids; nothing written for this shard "
+            "(check how the logprobs were computed)"
+        )
+
+
 def encode_table(samples: list[LogitSample], codec: Codec) -> tuple[pa.Table, bytes]:
     """Samples -> Arrow table of the cache schema, and the shard's side data (its codec's tables)."""
     lengths = np.array([s.num_tokens for s in samples], dtype=np.int64)
     for s in samples:
         check_finite(s)
+        if codec.kind == "topk":
+            check_top_mass(s, codec.vocab_size)
         if s.topk_ids.shape != (s.num_tokens, codec.k) or s.topk_logprobs.shape != (s.num_tokens, codec.k):
             raise ValueError(f"sample {s.sample_id}: distribution arrays must be ({s.num_tokens}, {codec.k})")
         if (s.counts is None) != (codec.kind == "topk"):
@@ -146,6 +164,35 @@ def open_shard(folder: Folder, rel: str) -> pq.ParquetFile:
         raise IntegrityError(f"{folder.where(rel)}: missing (run `pkd cache verify`)") from None
     except (pa.ArrowException, OSError) as e:
         raise IntegrityError(f"{folder.where(rel)}: not a readable Parquet file ({type(e).__name__}: {e}); run `pkd cache verify`") from None
+
+
+def check_shard_bytes(folder: Folder, entry: FileEntry) -> None:
+    """The shard is there with the size and sha256 (streamed) its manifest entry lists: a flipped
+    byte otherwise decodes to other numbers, or to a reader's own error, far from its cause."""
+    where = folder.where(entry.path)
+    try:
+        size = folder.size(entry.path)
+        digest = folder.sha256(entry.path) if size == entry.bytes else ""
+    except (FileNotFoundError, NotADirectoryError, StorageError):
+        raise IntegrityError(f"{where}: missing (run `pkd cache verify`)") from None
+    except OSError as e:
+        raise IntegrityError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+    if size != entry.bytes:
+        raise IntegrityError(f"{where}: {size} bytes, the manifest says {entry.bytes}; the shard is truncated or replaced (run `pkd cache verify`)")
+    if digest != entry.sha256:
+        raise IntegrityError(f"{where}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…; the shard is corrupted or was replaced (run `pkd cache verify`)")
+
+
+def open_checked(folder: Folder, entry: FileEntry, manifest: LogitCacheManifest, *, hashed: bool = False) -> pq.ParquetFile:
+    """Open a listed shard after checking it against the manifest: bytes and sha256 (unless the
+    caller `hashed` it already), schema and footer metadata, rows and row groups."""
+    if not hashed:
+        check_shard_bytes(folder, entry)
+    pf = open_shard(folder, entry.path)
+    check_shard_header(folder, entry.path, pf, manifest)
+    if pf.metadata.num_rows != entry.rows or pf.metadata.num_row_groups != math.ceil(entry.rows / ROW_GROUP_ROWS):
+        raise IntegrityError(f"{folder.where(entry.path)}: {pf.metadata.num_rows} rows in {pf.metadata.num_row_groups} row groups, the manifest says {entry.rows} rows")
+    return pf
 
 
 def shard_side(pf: pq.ParquetFile) -> bytes:
@@ -203,14 +250,18 @@ def decode_batch(batch: pa.RecordBatch, codec: Codec, side: bytes = b"") -> list
 
 
 def iter_samples(folder: Folder, manifest: LogitCacheManifest, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[LogitSample]:
-    """Stream every sample of a cache, shard by shard (never the whole cache in memory)."""
+    """Stream every sample of a cache, shard by shard (never the whole cache in memory). Each
+    shard is checked against the manifest as it is opened (`open_checked`: size, sha256, header,
+    rows), so a damaged one raises IntegrityError naming it instead of yielding other numbers."""
     codec = codec_from_spec(manifest.codec)
     for entry in manifest.files:
-        pf = open_shard(folder, entry.path)
-        check_shard_header(folder, entry.path, pf, manifest)
+        pf = open_checked(folder, entry, manifest)
         side = shard_side(pf)
-        for batch in pf.iter_batches(batch_size=batch_rows):
-            yield from decode_batch(batch, codec, side)
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                yield from decode_batch(batch, codec, side)
+        except (pa.ArrowException, OSError, ValueError) as e:  # only a shard written wrongly gets here: its bytes match
+            raise IntegrityError(f"{folder.where(entry.path)}: cannot be decoded ({e}); run `pkd cache verify`") from None
 
 
 def iter_column(folder: Folder, manifest: LogitCacheManifest, column: str) -> Iterator[np.ndarray]:

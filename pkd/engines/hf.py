@@ -276,6 +276,12 @@ def _score_batch(
             logprobs = rows.float().log_softmax(-1)  # one sequence at a time: bounded float32 copy
             target = torch.as_tensor(s[start:], device=device)  # (T,)
             token_lp = logprobs.gather(-1, target[:, None])[:, 0]  # (T,)
+            if draws is not None and torch.isnan(logprobs).any():
+                # nothing to draw from: the NaN token logprobs make the writer refuse the sample,
+                # naming it and the position, as in top-k mode (pkd.cache.shards.check_finite)
+                nothing = np.zeros((len(token_lp), draws[row][0]), np.int32)
+                results.append(ScoreResult(nothing, nothing.astype(np.float32), token_lp.cpu().numpy(), nothing.astype(np.uint8)))
+                continue
             if draws is not None:
                 ids_, counts, lps = draw_unique(logprobs, *draws[row])  # (T, n) each
                 results.append(ScoreResult(ids_, lps, token_lp.cpu().numpy(), counts))

@@ -348,40 +348,41 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
         return Summary(folder.uri, existing, counts, elapsed_s=time.monotonic() - start, proxy_stage=proxy.stage)
 
     folder.check_folder("--out", write=True)  # before the proxy loads, not at the first shard
-    writer = LogitCacheWriter(folder, header, shard_rows=cfg.shard_rows, part=index)
-    done = writer.committed_ids()
-    todo, counts = select(samples, cfg, tokenizer, done)
-    del samples
-    summary = Summary(folder.uri, writer.manifest, dict(counts), proxy_stage=proxy.stage)
-    if todo:
-        # sampled caches draw from exact logits: transformers only (vLLM is refused at validation)
-        kind, model_dir, adapter_dir = scoring_model(proxy, "hf" if cfg.mode == "sampled" else cfg.engine, out)
-        with (
-            load_engine(
-                kind, model_dir, adapter_dir=adapter_dir, dtype=cfg.dtype, max_logprobs=cfg.max_logprobs,
-                max_model_len=min(cfg.max_length + 1, context or cfg.max_length + 1), seed=run.seed,
-                gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
-                batch_tokens=cfg.batch_tokens,
-            ) as engine,
-            StepProgress(len(todo) + len(done), done=len(done), description="cache-logits", enabled=progress) as bar,
-        ):  # fmt: skip
-            summary.engine = engine.kind
-            for chunk in _chunks(todo, cfg.shard_rows):  # one shard each: see the module docstring
-                tick = time.perf_counter()
-                seqs, starts = [c.ids.tolist() for c in chunk], [c.response_start for c in chunk]
-                if cfg.mode == "sampled":  # seeded per sample: resume and --part draw the same ids
-                    seeds = [sample_seed(run.seed, c.sample_id) for c in chunk]
-                    results = list(engine.score_sampled(seqs, starts, cfg.samples, seeds=seeds, temperature=cfg.proposal_temperature))
-                else:
-                    results = list(engine.score_topk(seqs, starts, cfg.k))
-                summary.score_s += time.perf_counter() - tick
-                for item, r in zip(chunk, results):
-                    writer.add(LogitSample(item.sample_id, item.ids, item.response_start, r.topk_ids, r.topk_logprobs, r.token_logprobs, r.counts))
-                tokens = sum(len(r.token_logprobs) for r in results)
-                summary.scored += len(chunk)
-                summary.tokens += tokens
-                bar.update(done=len(chunk), tokens=tokens)
-    manifest = writer.close(counts)
+    with folder.locked("`pkd cache-logits`"):  # one writer per --out (flock: a killed run releases it)
+        writer = LogitCacheWriter(folder, header, shard_rows=cfg.shard_rows, part=index)
+        done = writer.committed_ids()
+        todo, counts = select(samples, cfg, tokenizer, done)
+        del samples
+        summary = Summary(folder.uri, writer.manifest, dict(counts), proxy_stage=proxy.stage)
+        if todo:
+            # sampled caches draw from exact logits: transformers only (vLLM is refused at validation)
+            kind, model_dir, adapter_dir = scoring_model(proxy, "hf" if cfg.mode == "sampled" else cfg.engine, out)
+            with (
+                load_engine(
+                    kind, model_dir, adapter_dir=adapter_dir, dtype=cfg.dtype, max_logprobs=cfg.max_logprobs,
+                    max_model_len=min(cfg.max_length + 1, context or cfg.max_length + 1), seed=run.seed,
+                    gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
+                    batch_tokens=cfg.batch_tokens,
+                ) as engine,
+                StepProgress(len(todo) + len(done), done=len(done), description="cache-logits", enabled=progress) as bar,
+            ):  # fmt: skip
+                summary.engine = engine.kind
+                for chunk in _chunks(todo, cfg.shard_rows):  # one shard each: see the module docstring
+                    tick = time.perf_counter()
+                    seqs, starts = [c.ids.tolist() for c in chunk], [c.response_start for c in chunk]
+                    if cfg.mode == "sampled":  # seeded per sample: resume and --part draw the same ids
+                        seeds = [sample_seed(run.seed, c.sample_id) for c in chunk]
+                        results = list(engine.score_sampled(seqs, starts, cfg.samples, seeds=seeds, temperature=cfg.proposal_temperature))
+                    else:
+                        results = list(engine.score_topk(seqs, starts, cfg.k))
+                    summary.score_s += time.perf_counter() - tick
+                    for item, r in zip(chunk, results):
+                        writer.add(LogitSample(item.sample_id, item.ids, item.response_start, r.topk_ids, r.topk_logprobs, r.token_logprobs, r.counts))
+                    tokens = sum(len(r.token_logprobs) for r in results)
+                    summary.scored += len(chunk)
+                    summary.tokens += tokens
+                    bar.update(done=len(chunk), tokens=tokens)
+        manifest = writer.close(counts)
     summary.manifest = manifest
     summary.elapsed_s = time.monotonic() - start
     return summary

@@ -68,20 +68,24 @@ def _check_report_path(out: Path) -> None:
 
 
 def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict[str, Any]:
-    """Score `cfg.model` on the teacher samples and, with `cfg.tasks`, on standard benchmarks
-    (lm-eval); one report. With tasks, a samples folder that holds no teacher samples is skipped,
-    and the report says so ("skipped"). `progress` draws pkd's bar on the terminal."""
+    """Score `cfg.model` on the teacher samples `cfg.samples` names and, with `cfg.tasks`, on
+    standard benchmarks (lm-eval); one report. Samples are scored only where named (--samples, or
+    [eval] samples in a recipe): a run's folder is no default, since the model may have nothing to
+    do with that run (after the demo it silently scored the demo's held-out samples). With tasks
+    and no samples named the report says so ("skipped"). `progress` draws pkd's bar on the
+    terminal."""
     if not cfg.model:
         raise ConfigError("[eval] model: no model given (--model DIR)")
-    samples = cfg.samples or run.artifact_dir("teacher")
+    if not cfg.samples and not cfg.tasks:
+        raise ConfigError("[eval] samples: nothing to score: name held-out teacher samples with --samples DIR (a `pkd teacher-sample` folder), or benchmarks with --tasks")
     if cfg.out:
         _check_report_path(Path(cfg.out))
     model, tok = load_model(cfg.model, cfg.base)
     report: dict[str, Any] = {"model": cfg.model}
-    if not cfg.tasks or Folder(samples).has_manifest():
-        report |= _teacher_metrics(cfg, model, tok, samples, progress)
+    if cfg.samples:
+        report |= _teacher_metrics(cfg, model, tok, cfg.samples, progress)
     else:
-        report["skipped"] = f"teacher-sample metrics: no teacher samples at {samples}"
+        report["skipped"] = "teacher-sample metrics: no teacher samples named (--samples)"
     if cfg.tasks:
         from pkd.student.benchmarks import run_benchmarks
 

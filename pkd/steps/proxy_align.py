@@ -194,35 +194,37 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None,
     out_spec = cfg.out or run.artifact_dir("proxy")
     if "://" in out_spec and not out_spec.startswith("file://"):
         raise ConfigError(f"--out {out_spec!r}: proxy-align writes models with transformers and needs a local folder")
-    Folder(out_spec.removeprefix("file://")).check_folder("--out", write=True)  # before models load, not at the warm-up's end
-    teacher = Folder(cfg.teacher or run.artifact_dir("teacher"))
-    t_manifest, samples = read_teacher_samples(teacher)
-    data = split_samples(samples, eval_samples=cfg.eval_samples, seed=seed, where=teacher.uri)
-    base_dir = resolve_model(cfg.model, "proxy model")
-    tokenizer = load_chat_tokenizer(base_dir)
-    summary = Summary(out=out_spec, report={})
-    student = cfg.student or recipe.train_student.student
-    if student and (warning := vocab_warning(tokenizer, base_dir, student)):
-        summary.warnings.append(warning)
-        say(f"warning: {warning}")
-    config = cfg.model_dump(mode="json") | {"seed": seed}
-    out = Output(Path(out_spec.removeprefix("file://")), {"teacher": teacher_fingerprint(t_manifest), "proxy_base": files_fingerprint(base_dir)}, config)
-    ctx = _Context(cfg, seed, base_dir, tokenizer, data, out, resolve_engine(cfg.engine), say, progress)
+    out_folder = Folder(out_spec.removeprefix("file://"))
+    out_folder.check_folder("--out", write=True)  # before models load, not at the warm-up's end
+    with out_folder.locked("`pkd proxy-align`"):  # one run per --out (flock: a killed run releases it)
+        teacher = Folder(cfg.teacher or run.artifact_dir("teacher"))
+        t_manifest, samples = read_teacher_samples(teacher)
+        data = split_samples(samples, eval_samples=cfg.eval_samples, seed=seed, where=teacher.uri)
+        base_dir = resolve_model(cfg.model, "proxy model")
+        tokenizer = load_chat_tokenizer(base_dir)
+        summary = Summary(out=out_spec, report={})
+        student = cfg.student or recipe.train_student.student
+        if student and (warning := vocab_warning(tokenizer, base_dir, student)):
+            summary.warnings.append(warning)
+            say(f"warning: {warning}")
+        config = cfg.model_dump(mode="json") | {"seed": seed}
+        out = Output(Path(out_spec.removeprefix("file://")), {"teacher": teacher_fingerprint(t_manifest), "proxy_base": files_fingerprint(base_dir)}, config)
+        ctx = _Context(cfg, seed, base_dir, tokenizer, data, out, resolve_engine(cfg.engine), say, progress)
 
-    if not out.counts["warmup"]:
-        ctx.warmup()
-        summary.ran.append("warmup")
-    for k in range(1, cfg.rounds + 1):
-        if out.counts["rounds_sampled"] < k:
-            ctx.sample(k)
-        if out.counts["rounds_done"] < k:
-            ctx.align(k)
-            summary.ran.append(_round(k))
-    summary.report, selection = ctx.finish()
-    if selection.skill_kept is False:
-        summary.skill_warning = selection.reason
-    summary.elapsed_s = time.monotonic() - start
-    return summary
+        if not out.counts["warmup"]:
+            ctx.warmup()
+            summary.ran.append("warmup")
+        for k in range(1, cfg.rounds + 1):
+            if out.counts["rounds_sampled"] < k:
+                ctx.sample(k)
+            if out.counts["rounds_done"] < k:
+                ctx.align(k)
+                summary.ran.append(_round(k))
+        summary.report, selection = ctx.finish()
+        if selection.skill_kept is False:
+            summary.skill_warning = selection.reason
+        summary.elapsed_s = time.monotonic() - start
+        return summary
 
 
 def _round(k: int) -> str:

@@ -39,6 +39,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,7 @@ def _cause(e: BaseException) -> tuple[str, bool]:
 class Teacher:
     """Sends one prompt's request under our retry policy and turns the answer into rows."""
 
-    def __init__(self, cfg: TeacherSampleConfig, api_key: str | None, first_wave: int = 1) -> None:
+    def __init__(self, cfg: TeacherSampleConfig, api_key: str | None, first_wave: int = 1, note: Callable[[str], None] = lambda _text: None) -> None:
         from openai import AsyncOpenAI
 
         self.cfg = cfg
@@ -207,6 +208,7 @@ class Teacher:
         self._first_wave = max(2, first_wave)  # requests sent at once at the start (one reset alone is not fatal)
         self._early_errors = 0  # connection errors before any answer
         self.capped_waits = 0  # Retry-After values cut to retry_after_max_s
+        self._note = note  # shows a pause on the progress line
         self._rng = random.Random()
 
     def scrub(self, text: str) -> str:
@@ -244,6 +246,8 @@ class Teacher:
         while True:
             if (wait := self._pause_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
+                if time.monotonic() >= self._pause_until:
+                    self._note("")
             attempt, retry_after = attempt + 1, None
             start = time.perf_counter()
             try:
@@ -266,6 +270,11 @@ class Teacher:
                 retry_after = self._retry_after(e.response.headers)
                 if e.status_code == 429 and retry_after:
                     self._pause_until = max(self._pause_until, time.monotonic() + retry_after)
+                    asked = retry_after_s(e.response.headers) or retry_after
+                    left = self._pause_until - time.monotonic()
+                    until = time.strftime("%H:%M:%S", time.localtime(time.time() + left))
+                    capped = f" (Retry-After {asked:,.0f} s capped)" if asked > retry_after else ""
+                    self._note(f"HTTP 429: all paused {left:,.0f} s, until {until}{capped}")
             except openai.APITimeoutError:
                 kind, message = "timeout", f"no answer within {cfg.request_timeout_s:g} s"
             except openai.APIConnectionError as e:
@@ -490,7 +499,7 @@ def plan_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig) -> Plan:
 
 
 async def _sample_all(todo: list[Prompt], cfg: TeacherSampleConfig, writer: Writer, bar: StepProgress) -> None:
-    teacher = Teacher(cfg, os.environ.get(cfg.api_key_env) or None, first_wave=min(cfg.concurrency, len(todo)))
+    teacher = Teacher(cfg, os.environ.get(cfg.api_key_env) or None, first_wave=min(cfg.concurrency, len(todo)), note=bar.note)
     queue = iter(todo)  # shared by the workers: each prompt is taken exactly once
 
     async def worker() -> None:

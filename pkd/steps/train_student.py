@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,22 @@ def _open_cache(uri: str) -> tuple[Folder, LogitCacheManifest]:
     check_counts(folder, manifest)
     check_stats(folder, manifest)
     return folder, manifest
+
+
+def check_sampled_temperature(manifest: LogitCacheManifest, temperature: float) -> None:
+    """A sampled cache trains only at the temperature its draws came from: at T = τ the draw
+    frequencies estimate p_T without bias, at any τ; at T ≠ τ the self-normalised importance
+    weights estimate the normalisers from the same draws, and the gradient is biased by 8-28% at
+    N = 12 (bench/rs_kd_bias.py), with nothing in the loss to show it."""
+    if manifest.codec.get("name") != "sampled":
+        return
+    tau = float(manifest.codec.get("params", {}).get("proposal_temperature", 1.0))
+    if temperature != tau:
+        raise ConfigError(
+            f"[train_student] temperature = {temperature:g} with a sampled cache drawn at proposal temperature {tau:g}: the RS-KD "
+            f"loss is unbiased only at T = τ (python bench/rs_kd_bias.py measures the bias otherwise). Train with --temperature {tau:g}, "
+            f"or redraw the cache at T: pkd cache-logits --sampled {manifest.codec.get('k')} --proposal-temperature {temperature:g} --out NEW_FOLDER"
+        )
 
 
 def _resolve(cfg: TrainStudentConfig, run: RunConfig) -> tuple[str, Path, Path]:
@@ -108,6 +126,13 @@ def _record_run(out: Path, record: dict[str, Any]) -> None:
 def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None, progress: bool = False) -> StudentResult:
     """Train (or resume, or find already done) the student described by `cfg`; `progress` draws
     pkd's bar on the terminal."""
+    cache_uri, student, out = _resolve(cfg, run)
+    # one run per --out (flock: a killed run releases it); torchrun's other ranks are this run's own
+    with Folder(str(out)).locked("`pkd train-student`") if os.environ.get("RANK", "0") == "0" else nullcontext():
+        return _train(cfg, run, cache_uri, student, out, callbacks=callbacks, progress=progress)
+
+
+def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Path, out: Path, *, callbacks: list | None, progress: bool) -> StudentResult:
     import torch
     from transformers import AutoConfig, AutoTokenizer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -116,8 +141,8 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     from pkd.student.trainer import KDSettings, ProxyKDTrainer
     from pkd.student.data import CacheStream, check_student_compatible, mean_weight
 
-    cache_uri, student, out = _resolve(cfg, run)
     folder, manifest = _open_cache(cache_uri)
+    check_sampled_temperature(manifest, cfg.temperature)
     tokenizer = AutoTokenizer.from_pretrained(student)
     check_student_compatible(manifest, tokenizer, AutoConfig.from_pretrained(student).vocab_size, folder.uri)
     inputs = {"cache": cache_fingerprint(manifest), "student": files_fingerprint(student)}

@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pkd.cache.coded import codec_from_spec
-from pkd.errors import CompatibilityError, ConfigError, IntegrityError, PkdError, StorageError
+from pkd.errors import CompatibilityError, ConfigError, IntegrityError, PkdError
 from pkd.fingerprint import tokenizer_fingerprint
-from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, check_shard_header, decode_batch, iter_column, open_shard, seq_logprob_stats, shard_side
+from pkd.cache.shards import ROW_GROUP_ROWS, LogitSample, decode_batch, iter_column, open_checked, seq_logprob_stats, shard_side
 from pkd.student.losses import IGNORE_INDEX, sample_weights
 from pkd.records import LogitCacheManifest
 from pkd.store import Folder
@@ -115,38 +115,16 @@ class CacheReader:
         self.codec = codec_from_spec(manifest.codec)
         self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self.verified = verified if verified is not None else set()
-        self.hash_s = 0.0  # time spent hashing (bench/train_student.py reports it)
-
-    def _check_bytes(self, s: int) -> None:
-        entry = self.manifest.files[s]
-        where = self.folder.where(entry.path)
-        t0 = time.perf_counter()
-        try:
-            size = self.folder.size(entry.path)
-            digest = self.folder.sha256(entry.path) if size == entry.bytes else None
-        except (FileNotFoundError, NotADirectoryError, StorageError):
-            raise IntegrityError(f"{where}: missing (run `pkd cache verify`)") from None
-        except OSError as e:
-            raise IntegrityError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
-        self.hash_s += time.perf_counter() - t0
-        if size != entry.bytes:
-            raise IntegrityError(f"{where}: {size} bytes, the manifest says {entry.bytes}; the shard is truncated or replaced (run `pkd cache verify`)")
-        if digest != entry.sha256:
-            raise IntegrityError(f"{where}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…; the shard is corrupted or was replaced (run `pkd cache verify`)")
-        self.verified.add(s)
+        self.hash_s = 0.0  # time spent checking shards as they open, sha256 almost all of it (bench/train_student.py reports it)
 
     def _shard(self, s: int) -> pq.ParquetFile:
         if s in self._open:
             self._open.move_to_end(s)
             return self._open[s]
-        entry = self.manifest.files[s]
-        where = self.folder.where(entry.path)
-        if s not in self.verified:
-            self._check_bytes(s)
-        pf = open_shard(self.folder, entry.path)
-        check_shard_header(self.folder, entry.path, pf, self.manifest)
-        if pf.metadata.num_rows != entry.rows or pf.metadata.num_row_groups != math.ceil(entry.rows / ROW_GROUP_ROWS):
-            raise IntegrityError(f"{where}: {pf.metadata.num_rows} rows in {pf.metadata.num_row_groups} row groups, the manifest says {entry.rows} rows")
+        t0 = time.perf_counter()
+        pf = open_checked(self.folder, self.manifest.files[s], self.manifest, hashed=s in self.verified)
+        self.hash_s += time.perf_counter() - t0
+        self.verified.add(s)
         self._open[s] = pf
         if len(self._open) > OPEN_SHARDS:
             self._open.popitem(last=False)[1].close()

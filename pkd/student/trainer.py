@@ -16,6 +16,8 @@ Overridden hooks and why:
   global token mean; `loss_is_scaled_for_ga` tells Trainer not to divide again. DDP averages
   gradients over the data-parallel ranks, so the loss is multiplied back by their number:
   processes // tp_size, as Trainer's own `compute_loss` does (tensor-parallel ranks share a batch).
+  Under DataParallel (one process, several GPUs) the loss is computed once on the gathered
+  outputs: Trainer's count arrives repeated per GPU, and nothing averages the loss (scale 1).
   A sampled cache's batches (they carry `topk_counts`) take the RS-KD estimator, fused the same way.
 - `log`: adds CE, KL and weight statistics to the training loss (so they reach every tracker
   `report_to` names), and logs the true epoch: samples consumed / cache rows (Trainer cannot
@@ -55,10 +57,18 @@ HEAD_CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-3}  # |hidden·Wᵀ �
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def data_parallel_scale(num_processes: int, tp_size: int, n_gpu: int) -> int:
+def data_parallel_scale(num_processes: int, tp_size: int) -> int:
     """The factor DDP's gradient averaging divides by: processes // tp_size (tensor-parallel
-    ranks see the same batch), or the GPU count under DataParallel; Trainer's own rule."""
-    return num_processes // tp_size if n_gpu <= 1 else n_gpu
+    ranks see the same batch). Under DataParallel (one process, several GPUs) it is 1: Trainer
+    multiplies by the GPU count because a model's own loss is computed per replica and averaged,
+    but pkd's loss is computed once, on the gathered outputs, and nothing averages it."""
+    return num_processes // tp_size
+
+
+def global_tokens(num_items_in_batch: torch.Tensor | int) -> float:
+    """Trainer's `num_items_in_batch` as a number: a count, or under DataParallel the same count
+    repeated per GPU, shape (n_gpu, 1), for a loss computed per replica."""
+    return float(num_items_in_batch.reshape(-1)[0]) if torch.is_tensor(num_items_in_batch) else float(num_items_in_batch)
 
 
 class _ResumeStream(TrainerCallback):
@@ -69,6 +79,15 @@ class _ResumeStream(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         self.stream.start_batch = state.global_step * args.gradient_accumulation_steps
+
+
+class _LogLastStep(TrainerCallback):
+    """Log the last step too: the tokens, CE and KL since the last logging step would otherwise
+    be left out of the log, and of the run's summary ("0 tokens" when logging_steps > steps)."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class ProxyKDTrainer(Trainer):
@@ -82,6 +101,7 @@ class ProxyKDTrainer(Trainer):
         self.args.ignore_data_skip = True  # the stream skips consumed batches itself
         self.model_accepts_loss_kwargs = True  # makes Trainer count num_items_in_batch
         self.add_callback(_ResumeStream(self.train_dataset))
+        self.add_callback(_LogLastStep())
         self._sums = torch.zeros(6, dtype=torch.float64)  # nll, kl, tokens, Σw, Σw², samples
         self._w_range = [float("inf"), float("-inf")]
         self._fused: bool | None = None if kd.fused else False  # decided on the first batch
@@ -155,8 +175,8 @@ class ProxyKDTrainer(Trainer):
         if num_items_in_batch is None:  # outside training: a per-batch mean
             scale = 1.0 / max(int(tokens), 1)
         else:  # DDP averages gradients over data-parallel ranks: undo it, the normaliser is global
-            procs = data_parallel_scale(self.accelerator.num_processes, self.get_tp_size(), self.args.n_gpu) if self.args.average_tokens_across_devices else 1
-            scale = procs / max(float(num_items_in_batch), 1.0)
+            procs = data_parallel_scale(self.accelerator.num_processes, self.get_tp_size()) if self.args.average_tokens_across_devices else 1
+            scale = procs / max(global_tokens(num_items_in_batch), 1.0)
         out, outputs = self._student_loss(model, inputs, scale)
         if model.training:
             w = inputs["weights"].double().cpu()

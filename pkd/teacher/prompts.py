@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pkd.errors import InputError
+from pkd.errors import ConfigError, InputError
 
 ROLES = ("system", "user", "assistant")
 
@@ -126,6 +126,8 @@ def _dataset_rows(path: str) -> Iterator[dict[str, Any]]:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as e:
         raise InputError(f"{path}: not a saved HF dataset directory ({e})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged dataset_dict.json, state.json, ...: JSONDecodeError is a ValueError
+        raise InputError(f"{path}: a saved HF dataset directory that cannot be read ({type(e).__name__}: {e}); save it again with Dataset.save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         raise InputError(f"{path}: holds a DatasetDict with splits {sorted(ds)}; point at one split's directory, e.g. {path}/{sorted(ds)[0]}")
     yield from ds
@@ -146,6 +148,20 @@ def _hub_rows(dataset_id: str, split: str) -> Iterator[dict[str, Any]]:
             f"{str(e).splitlines()[0] if str(e) else ''}); check the id, the split (--prompts-split), the network and HF_TOKEN"
         ) from None
     yield from ds
+
+
+def parse_fields(items: list[str]) -> dict[str, str]:
+    """`--prompts-field FIELD=COLUMN` flags as {field: column}; a field mapped twice is refused
+    rather than silently keeping one of the two columns."""
+    fields: dict[str, str] = {}
+    for item in items:
+        field, sep, column = item.partition("=")
+        if not sep or not field or not column:
+            raise ConfigError(f"--prompts-field {item!r}: expected FIELD=COLUMN, e.g. prompt=question")
+        if field in fields:
+            raise ConfigError(f"--prompts-field {item!r}: {field!r} is already mapped to column {fields[field]!r}; map each field once")
+        fields[field] = column
+    return fields
 
 
 def _mapped(records: Iterator[tuple[Any, str]], fields: Mapping[str, str]) -> Iterator[tuple[Any, str]]:

@@ -162,9 +162,17 @@ def test_launched_parts_merge_to_the_same_cache(launcher: str, root: Path, singl
     m, s = Folder(out).read_manifest(), Folder(single).read_manifest()
     assert (m.rows, m.tokens, m.inputs) == (s.rows, s.tokens, s.inputs)
     assert m.seq_logprob.mu == pytest.approx(s.seq_logprob.mu, abs=1e-6)
-    # a rerun finds the merged cache: nothing is submitted
-    again = launch_cache_logits(launch_config(root, launcher, launcher), RunConfig(), progress=False)
-    assert not again.merged and again.timeline == [] and again.manifest is not None
+    # the same command again, from the CLI: the merged cache is found, nothing is submitted
+    flags = ["--teacher", str(root / "teacher"), "--proxy", str(root / "proxy"), "--k", "8", "--engine", "hf", "--dtype", "float32", "--max-length", "256"]
+    result = CliRunner().invoke(app, ["cache-logits", *flags, "--parts", str(PARTS), "--launcher", launcher, "--out", out])
+    assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+    result = CliRunner().invoke(app, ["cache-logits", *flags, "--k", "4", "--parts", str(PARTS), "--launcher", launcher, "--out", out])
+    assert result.exit_code == 3 and "holds another cache" in result.output and "Traceback" not in result.output
+
+
+def test_no_wait_is_refused_where_parts_end_with_pkd(root: Path, tmp_path: Path) -> None:  # noqa: F811
+    result = CliRunner().invoke(app, ["cache-logits", "--teacher", str(root / "teacher"), "--proxy", str(root / "proxy"), "--parts", "2", "--no-wait", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 5 and "--no-wait: local parts end with the pkd process" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.slow

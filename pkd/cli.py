@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -20,6 +20,9 @@ from rich.table import Table
 from pkd import __version__
 from pkd.console import step_console, terminal
 from pkd.errors import ConfigError, PkdError
+
+if TYPE_CHECKING:
+    from pkd.config import CacheLogitsConfig, RunConfig
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -326,7 +329,7 @@ def cache_logits(
     console.print(t)
 
 
-def _launch(cfg: Any, run: Any, *, wait: bool, verbose: bool) -> None:
+def _launch(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool, verbose: bool) -> None:
     """`cache-logits --parts N`: launch, watch and merge; then the parts' timeline."""
     from pkd.steps.cache_logits import launch_cache_logits
 

@@ -23,7 +23,7 @@ from pkd.errors import ConfigError
 from pkd.launch.env import part_from_env
 from pkd.steps.cache_logits import launch_cache_logits, run_cache_logits
 from pkd.store import Folder
-from tests.test_cache_logits import config, root, samples, tokenizer  # noqa: F401  (fixtures)
+from tests.test_cache_logits import config, root, samples  # noqa: F401  (root: a fixture)
 
 PARTS = 4
 SHARD_ROWS = 2  # ~9 samples a part: several shards each, so a kill lands mid-way

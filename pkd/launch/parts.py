@@ -25,7 +25,6 @@ from pkd.errors import LaunchError
 from pkd.store import Folder
 
 RECORD = "launch.json"
-STATES = ("done", "running", "pending", "failed")  # what the progress line counts
 
 
 @dataclass(frozen=True)

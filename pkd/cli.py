@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -20,6 +20,9 @@ from rich.table import Table
 from pkd import __version__
 from pkd.console import step_console, terminal
 from pkd.errors import ConfigError, PkdError
+
+if TYPE_CHECKING:
+    from pkd.config import CacheLogitsConfig, RunConfig
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -250,7 +253,17 @@ def cache_logits(
     dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.")] = None,
     overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.")] = None,
-    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`.")] = None,
+    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`. auto: from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.")] = None,
+    parts: Annotated[int | None, typer.Option(help="Launch N parts (--launcher), retry the failed ones, and merge them into --out.")] = None,
+    launcher: Annotated[str | None, typer.Option(help="Where --parts run: local (processes here, one per GPU), slurm (a job array through submitit) or ray (Ray tasks).")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="--parts: resubmissions of a failed part before the launch fails.")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="--parts on slurm: submit and exit; the same command later watches the recorded jobs and merges.")] = False,
+    partition: Annotated[str | None, typer.Option(help="slurm: partition.")] = None,
+    time_limit: Annotated[str | None, typer.Option("--time", help="slurm: time limit per part (MIN, HH:MM:SS or D-HH:MM:SS).")] = None,
+    account: Annotated[str | None, typer.Option(help="slurm: account.")] = None,
+    constraint: Annotated[str | None, typer.Option(help="slurm: node constraint, e.g. 'a100|h100'.")] = None,
+    sbatch: Annotated[list[str] | None, typer.Option(help="slurm: extra sbatch setting KEY=VALUE, e.g. qos=high (repeatable).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="ray: cluster address (auto: the running cluster; local: start one here).")] = None,
     shard_rows: Annotated[int | None, typer.Option(help="Samples per committed shard (the unit of resumption).")] = None,
     batch_tokens: Annotated[int | None, typer.Option(help="Transformers engine: padded tokens per forward.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.")] = None,
@@ -259,7 +272,7 @@ def cache_logits(
     verbose: VerboseOption = False,
 ) -> None:
     """Score the teacher's responses with the proxy into the logit cache (top-k per position, ℓ, μ/γ); resumable."""
-    from pkd.config import resolve_recipe
+    from pkd.config import override, resolve_recipe
     from pkd.steps.cache_logits import default_out, run_cache_logits
 
     flags = dict(
@@ -269,8 +282,28 @@ def cache_logits(
         tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "cache_logits", flags)
-    with step_console("cache-logits", r.cache_logits.out or default_out(r.run, *r.cache_logits.part_index), verbose=verbose):
-        s = run_cache_logits(r.cache_logits, r.run)
+    extra = dict(x.split("=", 1) for x in sbatch or [] if "=" in x)
+    if sbatch and len(extra) != len(sbatch):
+        raise ConfigError(f"--sbatch {next(x for x in sbatch if '=' not in x)!r}: expected KEY=VALUE, e.g. qos=high")
+    launch = dict(parts=parts, launcher=launcher, max_retries=max_retries, partition=partition, time=time_limit, account=account, constraint=constraint, ray_address=ray_address)
+    launch = {k: v for k, v in launch.items() if v is not None} | ({"sbatch": r.cache_logits.launch.sbatch | extra} if extra else {})
+    if launch:
+        r = override(r, "cache_logits", {"launch": r.cache_logits.launch.model_dump() | launch})
+    cfg = r.cache_logits
+    if parts is not None or launcher is not None or (cfg.launch.parts > 1 and cfg.part == "0/1"):  # a recipe's parts yield to --part
+        if cfg.part != "0/1":
+            raise ConfigError(f"--part {cfg.part} scores one part; --parts {cfg.launch.parts} launches them all: pass one of the two")
+        _launch(cfg, r.run, wait=not no_wait, verbose=verbose)
+        return
+    if no_wait:
+        raise ConfigError("--no-wait goes with --parts N (launched parts); a single cache-logits run has nothing to wait for")
+    if cfg.part == "auto":
+        from pkd.launch.env import part_from_env
+
+        cfg.part, source = part_from_env(os.environ)
+        console.print(f"part {cfg.part} (from {source})", highlight=False)
+    with step_console("cache-logits", cfg.out or default_out(r.run, *cfg.part_index), verbose=verbose):
+        s = run_cache_logits(cfg, r.run)
     if s.proxy_stage:
         _print_proxy_stage(s.proxy_stage)
     m = s.manifest
@@ -293,6 +326,30 @@ def cache_logits(
         t.add_row(key, value)
     t.caption = f"{m.codec['name']} k={m.codec['k']}, vocab {m.vocab_size:,}; {s.elapsed_s:.1f} s in all"
     console.print(t)
+
+
+def _launch(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool, verbose: bool) -> None:
+    """`cache-logits --parts N`: launch, watch and merge; then the parts' timeline."""
+    from pkd.steps.cache_logits import launch_cache_logits
+
+    out = cfg.out or run.artifact_dir("logits")
+    with step_console("cache-logits", out, verbose=verbose):
+        s = launch_cache_logits(cfg, run, wait=wait)
+    if s.timeline:
+        t = Table(title=f"{s.parts} parts on {s.launcher} ({s.record})", title_justify="left")
+        for col in ("part", "start s", "end s", "retries", "jobs", "state"):
+            t.add_column(col, justify="left" if col in ("jobs", "state") else "right")
+        for row in s.timeline:
+            state = row["result"] or "running"
+            t.add_row(str(row["part"]), "-" if row["start_s"] is None else f"{row['start_s']:.1f}", "-" if row["end_s"] is None else f"{row['end_s']:.1f}", str(row["retries"]), ", ".join(row["jobs"]), state)
+        console.print(t)
+    m = s.manifest
+    if m is None:
+        console.print(f"submitted; rerun the same command to watch the parts and merge them into {s.out}")
+    elif not s.merged:
+        console.print(f"[green]nothing to do[/] {s.out}: the merged cache is complete ({m.rows:,} samples, {m.tokens:,} tokens)")
+    else:
+        console.print(f"[green]merged[/] {s.parts} parts into {s.out}: {m.rows:,} samples, {m.tokens:,} tokens, ℓ μ={m.seq_logprob.mu:.4f} γ={m.seq_logprob.gamma:.4f}; {s.elapsed_s:.1f} s")
 
 
 def _print_proxy_stage(stage: dict[str, Any]) -> None:

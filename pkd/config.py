@@ -261,6 +261,38 @@ class ProxyAlignConfig(Section):
         return check_targets(v)
 
 
+class LaunchConfig(Section):
+    """`[cache_logits.launch]`: run the N parts of a cache-logits pass on a cluster and merge them
+    (pkd.launch). `parts` = 1 is a plain single-process run; the SLURM keys are ignored by the other
+    launchers, `ray_address` by the others too."""
+
+    parts: int = Field(default=1, ge=1, le=100_000)  # N: parts launched, merged into `out` at the end
+    launcher: Literal["local", "slurm", "ray"] = "local"
+    max_retries: int = Field(default=2, ge=0)  # resubmissions of one failed part before the launch fails
+    gpus_per_part: int | None = Field(default=None, ge=0)  # default: tensor_parallel_size (0: CPU parts)
+    cpus_per_part: int = Field(default=1, ge=1)
+    max_parallel: int | None = Field(default=None, ge=1)  # parts at once (local default: one per GPU slot, else all)
+    poll_s: float = Field(default=5.0, gt=0)  # seconds between two looks at the parts' states
+    partition: str | None = None  # SLURM
+    time: str = Field(default="24:00:00", pattern=r"^(\d+-)?\d+(:\d+){0,2}$")  # SLURM time limit: MIN, HH:MM:SS or D-HH:MM:SS
+    account: str | None = None  # SLURM
+    constraint: str | None = None  # SLURM, e.g. "a100|h100"
+    sbatch: dict[str, str | int] = Field(default_factory=dict)  # extra sbatch settings, e.g. {qos = "high", mem = "200G"}
+    slurm_executor: Literal["slurm", "local"] = "slurm"  # local: submitit runs the job array on this machine (a dry run of the jobs)
+    ray_address: str = "auto"  # ray.init(address=...): auto = the running cluster; local = start one here
+
+    @property
+    def time_min(self) -> int:
+        """`time` in minutes (SLURM's formats: MIN, MIN:SEC, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)."""
+        days, _, rest = self.time.rpartition("-")
+        fields = [int(x) for x in rest.split(":")]
+        if days:
+            h, m, s = (fields + [0, 0])[:3]
+        else:
+            h, m, s = {1: [0, fields[0], 0], 2: [0, *fields], 3: fields}[len(fields)]
+        return max(1, int(days or 0) * 1440 + h * 60 + m + (s + 59) // 60)
+
+
 class CacheLogitsConfig(Section):
     """`pkd cache-logits`: the proxy scores the teacher's responses of one split (D_s) into the
     logit cache (DESIGN §1 stage 2, §3).
@@ -287,15 +319,18 @@ class CacheLogitsConfig(Section):
     dtype: str = "auto"  # auto: the checkpoint's dtype; e.g. bfloat16 on GPU
     max_length: int = Field(default=1024, ge=2)  # prompt + response tokens
     overflow: Literal["truncate", "skip"] = "truncate"  # longer chats: cut the response end, or drop them
-    part: str = Field(default="0/1", pattern=r"^\d+/\d+$")  # I/N: this worker's share of the samples
+    part: str = Field(default="0/1", pattern=r"^(\d+/\d+|auto)$")  # I/N: this worker's share of the samples; auto: from SLURM/torchrun (pkd.launch.env)
     shard_rows: int = Field(default=1024, ge=1)  # samples per committed shard (the unit of resumption)
     batch_tokens: int = Field(default=8192, ge=1)  # transformers engine: padded tokens per forward
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM on GPU
     tensor_parallel_size: int = Field(default=1, ge=1)  # vLLM: GPUs one proxy is split over (a 70B needs several)
+    launch: LaunchConfig = LaunchConfig()
 
     @field_validator("part")
     @classmethod
     def _part(cls, v: str) -> str:
+        if v == "auto":
+            return v
         index, count = map(int, v.split("/"))
         if not 0 <= index < count:
             raise ValueError(f"part {v!r}: expected I/N with 0 <= I < N, e.g. 0/4")
@@ -312,7 +347,9 @@ class CacheLogitsConfig(Section):
 
     @property
     def part_index(self) -> tuple[int, int]:
-        """(I, N) of `part`."""
+        """(I, N) of `part` (`auto` is resolved from the environment before a run: pkd.launch.env)."""
+        if self.part == "auto":
+            raise ConfigError("[cache_logits] part = 'auto' must be resolved from the environment first (pkd.launch.env.part_from_env)")
         index, count = map(int, self.part.split("/"))
         return index, count
 

@@ -64,3 +64,10 @@ class EngineError(PkdError):
     adapter it cannot serve, or a request beyond an engine option (the message names the option)."""
 
     exit_code = 2
+
+
+class LaunchError(PkdError):
+    """Parts launched on a cluster failed for good, or a launcher cannot run (not installed, no
+    cluster to reach): the message names the parts, their logs and what to do."""
+
+    exit_code = 5

@@ -139,3 +139,38 @@ def trainer_progress(description: str, *, epoch_of: Callable[[int], float] | Non
                 self.bar = None
 
     return _Progress()
+
+
+class PartsProgress:
+    """One line for launched parts: done/total and how many run, wait or failed."""
+
+    def __init__(self, total: int, *, description: str = "parts", enabled: bool = True) -> None:
+        self._bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TextColumn("done, {task.fields[running]} running, {task.fields[pending]} pending, [red]{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=terminal(),
+            refresh_per_second=2,
+        )
+        self._task = self._bar.add_task(description, total=total, running=0, pending=0, failed=0)
+
+    def __enter__(self) -> PartsProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def show(self, counts: dict[str, int]) -> None:
+        """`counts`: parts done, running, pending, failed."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=counts.get("done", 0), running=counts.get("running", 0), pending=counts.get("pending", 0), failed=counts.get("failed", 0))

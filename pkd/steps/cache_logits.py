@@ -17,7 +17,9 @@ same. The vLLM engine scores a merged proxy: the adapter is merged into the base
 `<out>-work/merged-<fingerprint>` beside a local output (reused by reruns), because vLLM's LoRA
 path is several times slower than the plain model and the logits are the same. Parts (`--part I/N`): a sample belongs to part hash(sample_id) mod N, so N workers split
 D_s without talking to each other; each writes its own folder (shards data/part-I-*), and
-`pkd cache merge` joins them and recomputes μ/γ over the whole.
+`pkd cache merge` joins them and recomputes μ/γ over the whole. `launch_cache_logits` runs the N
+parts itself on a launcher (pkd.launch: local processes, a SLURM job array, Ray tasks), each part
+being this same command with `--part I/N`, and merges them into the requested output.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from pkd.models.chat import encode_chat
 
 # Settings that may change between a run and its resumption: where things are, how fast they go.
 # What the proxy and the teacher samples are is fixed by the manifest's fingerprints instead.
-FREE_KEYS = frozenset({"teacher", "proxy", "model", "adapter", "student", "out", "engine", "max_logprobs", "shard_rows", "batch_tokens", "gpu_memory_utilization", "tensor_parallel_size"})
+FREE_KEYS = frozenset({"teacher", "proxy", "model", "adapter", "student", "out", "engine", "max_logprobs", "shard_rows", "batch_tokens", "gpu_memory_utilization", "tensor_parallel_size", "launch"})
 TOKENIZATION = "chat-v1"  # pkd.models.chat's rules: bump when they change what ids a chat gets
 HEADER_FIELDS = ("codec", "vocab_size", "tokenizer_fingerprint", "proxy_fingerprint", "teacher_model", "inputs", "config")
 _PART_SALT = b"pkd-part-v1\0"
@@ -295,6 +297,14 @@ def scoring_model(proxy: Proxy, engine: str, out: str) -> tuple[str, Path, Path 
     return kind, merged_model(proxy.model_dir, proxy.adapter_dir, work / f"merged-{proxy.fingerprint[:22]}", proxy.inputs), None
 
 
+def cache_config(cfg: CacheLogitsConfig, run: RunConfig) -> dict[str, Any]:
+    """The settings that fix what a cache holds (its manifest's `config`)."""
+    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in FREE_KEYS} | {"tokenization": TOKENIZATION, "order": ORDER}
+    if cfg.mode == "sampled":
+        config["draw_seed"] = run.seed  # the draws depend on it: a resume must use the same
+    return config
+
+
 def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool = True) -> Summary:
     """Score every sample of the split (this part's share) not yet in the output folder."""
     from pkd.engines import load_engine
@@ -326,9 +336,7 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
         check_score_args([], [], cfg.k, cfg.max_logprobs, vocab)  # refuses k > max_logprobs, saying how to raise it
     if context is not None and cfg.max_length > context:
         raise ConfigError(f"[cache_logits] max_length {cfg.max_length} exceeds the proxy's context of {context} tokens: lower --max-length")
-    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in FREE_KEYS} | {"tokenization": TOKENIZATION, "order": ORDER}
-    if cfg.mode == "sampled":
-        config["draw_seed"] = run.seed  # the draws depend on it: a resume must use the same
+    config = cache_config(cfg, run)
     header = LogitCacheManifest(
         codec=codec.spec(),
         vocab_size=vocab,
@@ -384,5 +392,86 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
                     bar.update(done=len(chunk), tokens=tokens)
         manifest = writer.close(counts)
     summary.manifest = manifest
+    summary.elapsed_s = time.monotonic() - start
+    return summary
+
+
+# launched parts ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchSummary:
+    out: str
+    parts: int
+    launcher: str
+    timeline: list[dict[str, Any]]  # per part: start_s, end_s, retries, jobs (pkd.launch.parts.timeline)
+    manifest: LogitCacheManifest | None  # the merged cache; None while parts still run (--no-wait)
+    merged: bool = False  # merged by this invocation
+    record: str = ""  # launch.json
+    elapsed_s: float = 0.0
+
+
+def _set_args(section: str, values: dict[str, Any]) -> list[str]:
+    """`--set SECTION.KEY=VALUE` for every given value (JSON scalars and lists are TOML values)."""
+    return [a for k, v in values.items() if v is not None for a in ("--set", f"{section}.{k}={json.dumps(v)}")]
+
+
+def part_command(cfg: CacheLogitsConfig, run: RunConfig, index: int, out: str) -> list[str]:
+    """The command of one part: this cache-logits, resolved, as `--part I/N` into `out`."""
+    import sys
+
+    values = cfg.model_dump(mode="json", exclude={"out", "part", "launch"})
+    return [sys.executable, "-m", "pkd.cli", "cache-logits", *_set_args("run", run.model_dump(mode="json")), *_set_args("cache_logits", values), "--part", f"{index}/{cfg.launch.parts}", "--out", out]
+
+
+def _merged_already(folder: Folder, expected: list[dict[str, Any]]) -> LogitCacheManifest | None:
+    """The merged cache in `folder` if it is complete and joins parts of these settings; None if
+    the folder holds nothing but a merge's leftovers (removed); anything else is an error."""
+    if not folder.has_manifest():
+        foreign = [p for p in folder.listdir() if not p.startswith(SHARD_DIR + "/") and TMP_MARK not in p]
+        if foreign:
+            raise InputError(f"{folder.uri} is not empty ({foreign[0]}, ...) and holds no logit cache: choose another --out")
+        for rel in folder.listdir():  # shards of a merge that was interrupted before its manifest
+            folder.remove(rel)
+        return None
+    m = folder.read_manifest()
+    configs = [p.get("config") for p in m.config.get("merged_from", [])] if isinstance(m, LogitCacheManifest) else None
+    if not (m.complete and configs == expected):
+        raise CompatibilityError(f"{folder.uri} holds another cache (not the merge of {len(expected)} parts of these settings): choose another --out, or delete it to rebuild it")
+    assert isinstance(m, LogitCacheManifest)
+    return m
+
+
+def launch_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool = True, progress: bool = True) -> LaunchSummary:
+    """Score the split in `cfg.launch.parts` parts on `cfg.launch.launcher`, retry failed parts,
+    then merge them into `cfg.out`; a rerun watches the recorded jobs instead of submitting again."""
+    from pkd.cache.ops import merge
+    from pkd.launch import make_launcher
+    from pkd.launch.parts import PartJob, part_complete, run_parts, timeline
+    from pkd.progress import PartsProgress
+
+    start = time.monotonic()
+    launch, n = cfg.launch, cfg.launch.parts
+    out = (cfg.out or run.artifact_dir("logits")).rstrip("/")
+    local = "://" not in out.removeprefix("file://")
+    work = Path(out.removeprefix("file://") + "-parts") if local else Path("pkd-launch") / sha256_text(out)[:16]
+    record = work / "launch.json"
+    outs = [f"{out}-parts/{i}-of-{n}" for i in range(n)]
+    expected = [cache_config(cfg.model_copy(update={"part": f"{i}/{n}"}), run) for i in range(n)]
+    done = _merged_already(Folder(out), expected)
+    if done is not None:
+        return LaunchSummary(out, n, launch.launcher, [], done, record=str(record), elapsed_s=time.monotonic() - start)
+    cwd = str(Path.cwd())
+    jobs = [PartJob(i, part_command(cfg, run, i, outs[i]), outs[i], work / "logs" / f"part-{i}.log", cwd) for i in range(n)]
+    gpus = cfg.tensor_parallel_size if launch.gpus_per_part is None else launch.gpus_per_part
+    launcher = make_launcher(launch, gpus, work, n)
+    try:
+        with PartsProgress(n, description=f"cache-logits {n} parts ({launch.launcher})", enabled=progress) as bar:
+            rec = run_parts(launcher, jobs, record, max_retries=launch.max_retries, wait=wait, poll_s=launch.poll_s, show=bar.show)
+    finally:
+        launcher.close()
+    summary = LaunchSummary(out, n, launch.launcher, timeline(rec), None, record=str(record))
+    if all(part_complete(o) for o in outs):  # always after a wait; after --no-wait once the parts have finished
+        summary.manifest, summary.merged = merge([Folder(o) for o in outs], Folder(out)), True
     summary.elapsed_s = time.monotonic() - start
     return summary

@@ -416,6 +416,8 @@ def train_student(
     if os.environ.get("RANK", "0") != "0":
         return
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
+    if res.loss_path:
+        console.print(f"[dim]Proxy-KD loss: {res.loss_path}[/]", highlight=False)
     console.print(f"[green]{res.status}[/] {res.out}: {res.steps:,} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tokens/s; {final or '-'}")
 
 

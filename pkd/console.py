@@ -69,6 +69,9 @@ def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    ours = logging.getLogger("pkd")  # pkd's own INFO lines (e.g. the loss path taken) belong in the log too
+    saved_level = ours.level
+    ours.setLevel(logging.INFO)
     saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
     saved_fds: tuple[int, int] | None = None
     if not verbose:
@@ -103,6 +106,7 @@ def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path
             else:
                 os.environ[key] = value
         root.removeHandler(handler)
+        ours.setLevel(saved_level)
         log.close()
         if failed:
             terminal().print(f"[dim]{step}: the libraries' last words are in {path}[/]", highlight=False)

@@ -128,6 +128,10 @@ def test_train_student_terminal_tracker_and_epochs(tiny_family, scored_cache, tm
     assert "trained" in terminal and "14 steps" in terminal
     assert "{'" not in terminal and "train_runtime" not in terminal and "Warning" not in terminal
     assert "train_runtime" in (tmp_path / "student.log").read_text()
+    # the loss path taken, once, in the log and in the summary (the tiny student's head fuses)
+    path = "Proxy-KD loss: fused with the output layer"
+    assert path in terminal and (tmp_path / "student.log").read_text().count(path) == 1
+    assert json.loads((out / "report.json").read_text())["loss_path"].startswith("fused with the output layer")
 
     history = json.loads((out / "report.json").read_text())["log_history"]
     epochs = {h["step"]: h["epoch"] for h in history if "loss" in h}

@@ -38,10 +38,10 @@ def train(trainer: ProxyKDTrainer) -> tuple[list[float], dict[str, torch.Tensor]
 def test_fused_trains_like_unfused(tiny_family, scored_cache, tmp_path, tied):
     fused = make_trainer(tiny_family, scored_cache, tmp_path, fused=True, tied=tied)
     a, pa = train(fused)
-    assert fused._fused is True  # the fused path ran
+    assert fused._fused is True and fused.loss_path.startswith("fused")  # the fused path ran
     unfused = make_trainer(tiny_family, scored_cache, tmp_path, fused=False, tied=tied)
     b, pb = train(unfused)
-    assert unfused._fused is False and len(a) == len(b) == 3 and len(set(a)) > 1
+    assert unfused._fused is False and "turned off" in unfused.loss_path and len(a) == len(b) == 3 and len(set(a)) > 1
     assert a == pytest.approx(b, rel=1e-5)
     for name in pa:  # every weight, the output layer included, moved the same way
         torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -51,6 +51,7 @@ def test_lora_on_the_output_layer_is_not_fused(tiny_family, scored_cache, tmp_pa
     trainer = make_trainer(tiny_family, scored_cache, tmp_path, fused=True, lora_head=True, steps=1)
     train(trainer)
     assert trainer._fused is False and "not fused with the output layer" in caplog.text and "LoRA on lm_head" in caplog.text
+    assert caplog.text.count("Proxy-KD loss:") == 1 and trainer.loss_path.startswith("not fused") and "LoRA on lm_head" in trainer.loss_path
 
 
 def test_tensor_parallel_ranks_are_not_counted_as_data_parallel(tiny_family, scored_cache, tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ class StudentResult:
     tokens: int
     tokens_per_s: float
     final: dict[str, float]
+    loss_path: str = ""  # fused with the output layer, or not and why (ProxyKDTrainer.loss_path)
 
 
 def cache_fingerprint(manifest: LogitCacheManifest) -> str:
@@ -229,7 +230,7 @@ def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Pat
     tokens = sum(int(h.get("tokens", 0)) for h in state.log_history)
     new_tokens = sum(int(h.get("tokens", 0)) for h in state.log_history if h.get("step", 0) > start)
     final = {k: v for k, v in (next((h for h in reversed(state.log_history) if "loss" in h), {})).items() if k in ("loss", "ce", "kl", "w_mean")}
-    result = StudentResult(out, "trained" if state.global_step >= args.max_steps else "stopped", state.global_step, tokens, new_tokens / max(elapsed, 1e-9), final)
+    result = StudentResult(out, "trained" if state.global_step >= args.max_steps else "stopped", state.global_step, tokens, new_tokens / max(elapsed, 1e-9), final, trainer.loss_path)
     if result.status == "trained":
         trainer.save_model(str(out / "model"))
         if trainer.is_world_process_zero():
@@ -277,6 +278,7 @@ def _write_outputs(out: Path, result: StudentResult, history: list[dict], inputs
         "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s,
         "final": result.final,
+        "loss_path": result.loss_path,
         "cache": {"rows": cache.rows, "tokens": cache.tokens, "k": cache.codec.get("k"), "teacher": cache.teacher_model},
         "config": record,
         "log_history": history,

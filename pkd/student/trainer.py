@@ -104,7 +104,10 @@ class ProxyKDTrainer(Trainer):
         self.add_callback(_LogLastStep())
         self._sums = torch.zeros(6, dtype=torch.float64)  # nll, kl, tokens, Σw, Σw², samples
         self._w_range = [float("inf"), float("-inf")]
-        self._fused: bool | None = None if kd.fused else False  # decided on the first batch
+        self._fused: bool | None = None  # decided on the first batch
+        self.loss_path = "not decided (no batch trained)"  # the path taken, for the log and the run summary
+        if not kd.fused:
+            self._decide(False, "fusion turned off")
 
     def _output_weight(self, model) -> tuple[torch.Tensor | None, str]:  # noqa: ANN001
         """The output layer's weight W if logits = hidden · Wᵀ can be fused with the loss, else
@@ -143,8 +146,7 @@ class ProxyKDTrainer(Trainer):
         weight, why = self._output_weight(model) if self._fused is not False else (None, "")
         if weight is None:
             if self._fused is None:
-                log.warning("Proxy-KD loss: not fused with the output layer (%s); the (B, L, V) logits are built", why)
-                self._fused = False
+                self._decide(False, why)
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             return from_logits(outputs.logits), outputs
         # logits at the last position only: cheap, and they let the first batch check the fusion
@@ -156,11 +158,21 @@ class ProxyKDTrainer(Trainer):
                 theirs = outputs.logits[:, -1].float()  # (B, V)
                 err = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
             if not err <= HEAD_CHECK_RTOL.get(outputs.logits.dtype, 3e-2):
-                log.warning("Proxy-KD loss: not fused with the output layer (the model's logits differ from hidden · Wᵀ by %.2g relative); the (B, L, V) logits are built", err)
-                self._fused = False
+                self._decide(False, f"the model's logits differ from hidden · Wᵀ by {err:.2g} relative")
                 return self._student_loss(model, inputs, scale)
-            self._fused = True
+            self._decide(True, "")
         return fused(hidden, weight), outputs
+
+    def _decide(self, fused: bool, why: str) -> None:
+        """Record the loss path once, in the step's log and for the run summary: the fused path
+        saves the (B, L, V) logits' memory, so a user should see which one a run took."""
+        self._fused = fused
+        if fused:
+            self.loss_path = "fused with the output layer (no (B, L, V) logits)"
+            log.info("Proxy-KD loss: %s", self.loss_path)
+        else:
+            self.loss_path = f"not fused with the output layer ({why}): the (B, L, V) logits are built"
+            log.warning("Proxy-KD loss: %s", self.loss_path)
 
     def get_train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -100,7 +100,8 @@ def teacher_sample(
 ) -> None:
     """Sample the teacher API for every prompt into Parquet shards; resumable, exactly once per sample."""
     from pkd.config import resolve_recipe
-    from pkd.steps.teacher_sample import FAILURES, plan_teacher_sample, retryable_failures, run_teacher_sample
+    from pkd.steps.teacher_sample import plan_teacher_sample, retryable_failures, run_teacher_sample
+    from pkd.teacher.samples import FAILURES
 
     fields = dict(f.split("=", 1) for f in prompts_field or [] if "=" in f) or None
     if prompts_field and len(fields or {}) != len(prompts_field):

@@ -42,7 +42,7 @@ class RunConfig(Section):
 class TeacherSampleConfig(Section):
     """`pkd teacher-sample`: the endpoint, how to sample, how hard to push it, where output goes.
 
-    Only the sampling fields (`SAMPLING_KEYS` in pkd.steps.teacher_sample) fix what an output
+    Only the sampling fields (`SAMPLING_KEYS` in pkd.teacher.samples) fix what an output
     folder holds; the others (endpoint URL, concurrency, retries, limit, ...) may change between a
     run and its resumption. The API key is never configured here, only the variable holding it."""
 

@@ -64,3 +64,10 @@ class EngineError(PkdError):
     adapter it cannot serve, or a request beyond an engine option (the message names the option)."""
 
     exit_code = 2
+
+
+class BudgetError(PkdError):
+    """A run would spend more than `--max-cost`: stopped (online) or refused (batch) before it;
+    everything paid for is committed, and a rerun with a higher budget continues."""
+
+    exit_code = 5

@@ -144,7 +144,8 @@ def line_outcome(cfg: TeacherSampleConfig, prompt: Prompt, line: dict[str, Any])
     status = response.get("status_code") if isinstance(response, dict) else None
     if status != 200:
         detail = error or (response.get("body") if isinstance(response, dict) else None)
-        kind = f"http_{status}" if isinstance(status, int) else "batch_error"
+        code = error.get("code") if isinstance(error, dict) else None
+        kind = f"http_{status}" if isinstance(status, int) else code if isinstance(code, str) and code.startswith("batch_") else "batch_error"
         return failed_outcome(prompt.id, 1, kind, f"batch line: {json.dumps(detail)[:300]}")
     try:
         resp = ChatCompletion.model_validate(response.get("body"))

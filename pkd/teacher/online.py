@@ -29,7 +29,8 @@ from pkd.teacher.samples import Outcome
 from pkd.teacher.splits import split_of
 
 RETRY_STATUS = frozenset({408, 409, 429})  # and every 5xx
-TRANSIENT_KINDS = frozenset({"timeout", "bad_response", "connection", "http_408", "http_409", "http_429"})  # and http_5xx
+# and every http_5xx; batch_* is a batch that did not deliver (pkd.teacher.batch)
+TRANSIENT_KINDS = frozenset({"timeout", "bad_response", "connection", "http_408", "http_409", "http_429", "batch_expired", "batch_failed", "batch_cancelled", "batch_missing", "batch_error"})
 DUMMY_KEY = "pkd-no-key"  # sent when the key variable is unset: a local server needs no auth
 
 

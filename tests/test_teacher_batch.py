@@ -60,8 +60,8 @@ def test_batch_output_equals_online_output_on_the_same_seeds(tmp_path: Path) -> 
         sizes = [f["bytes"] for f in api.files.values() if f["purpose"] == "batch"]
         assert len(sizes) >= 4 and max(sizes) <= 1500  # split by bytes as well as by requests
         m, mo = manifest(tmp_path / "batch"), manifest(tmp_path / "online")
-        assert m.complete and {k: m.counts[k] for k in ("prompts_done", "samples", "requests", "prompt_tokens", "completion_tokens")} == {
-            k: mo.counts[k] for k in ("prompts_done", "samples", "requests", "prompt_tokens", "completion_tokens")
+        assert m.complete and {k: m.counts[k] for k in ("prompts_done", "samples", "prompt_tokens", "completion_tokens")} == {
+            k: mo.counts[k] for k in ("prompts_done", "samples", "prompt_tokens", "completion_tokens")
         }
         again = sample(prompts, tmp_path / "batch", api.url, *extra, *BATCH)
         assert again.exit_code == 0 and "nothing to do" in again.output and len(api.batches) == len(sizes)
@@ -106,6 +106,8 @@ def test_retry_online_and_no_wait_then_collect(tmp_path: Path) -> None:
         assert not manifest(out).complete and not rows(out) and len(api.batches) == 1
         state = json.loads((out / "batch/state.json").read_text())
         assert [p["batch_id"] for p in state["parts"]] == ["batch_0"]
+        online = sample(prompts, out, api.url)
+        assert online.exit_code == 2 and "1 batches of this folder are not collected yet: rerun with --batch" in one_error_line(online)
         collect = sample(prompts, out, api.url, *BATCH)
         assert collect.exit_code == 0 and manifest(out).complete and len(rows(out)) == 6 and len(api.batches) == 1, collect.output
 

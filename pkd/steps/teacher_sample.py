@@ -202,6 +202,8 @@ def run_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig, *, progress: bo
         r.manifest.counts["prompts"] = plan.prompts
         writer = Writer(folder, r.manifest, r.failures, cfg.shard_size, cfg.commit_interval_s, r.retrying)
         batching = cfg.mode == "batch" and not imports and not requests_only
+        if cfg.mode == "online" and not requests_only and (waiting := batch.load_state(folder).pending()):
+            raise ConfigError(f"{len(waiting):,} batches of this folder are not collected yet: rerun with --batch to collect them (online, their prompts would be paid twice)")
         if not r.todo and r.manifest.complete and not (batching and batch.load_state(folder).pending()):
             return Summary(plan, dict(writer.manifest.counts), {}, time.monotonic() - start)
         if not folder.has_manifest():

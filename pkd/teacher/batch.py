@@ -238,15 +238,16 @@ class BatchClient:
             return
         if part.file_id is None:
             data = self.folder.read_bytes(f"batch/{part.name}.jsonl")
+            if hashlib.sha256(data).hexdigest() != part.sha256:
+                raise InputError(f"{self.folder.where(f'batch/{part.name}.jsonl')} changed since it was written (sha256 differs from {STATE}): restore it or start another --out")
             f = self._call("uploading a batch file", lambda: self.client.files.create(file=(f"{part.name}.jsonl", data), purpose="batch"))
             part.file_id, part.status = f.id, "uploaded"
             self.save()
         part.status, part.submitted_at = "submitting", time.time()
         self.save()
         meta = {"pkd_run": self.state.run, "pkd_part": part.name}
-        b = self._call(
-            "creating a batch", lambda: self.client.batches.create(input_file_id=part.file_id, endpoint=ENDPOINT, completion_window=self.cfg.completion_window, metadata=meta)
-        )
+        once = self.client.with_options(max_retries=0)  # a retried create could submit twice; a rerun looks for it instead
+        b = self._call("creating a batch", lambda: once.batches.create(input_file_id=part.file_id, endpoint=ENDPOINT, completion_window=self.cfg.completion_window, metadata=meta))
         part.batch_id, part.status = b.id, b.status
         self.save()
 

@@ -249,3 +249,16 @@ def test_kill_9_during_submit_poll_and_collect_never_submits_twice_nor_loses_an_
         assert sum(phases.values()) >= 22 and all(phases[p] >= 2 for p in ("submit", "poll", "collect")), phases
     finally:
         api.close()
+
+
+def test_the_estimate_counts_prompt_tokens_with_the_tokenizer_when_given(tmp_path: Path, tiny_family: Any) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_family.tokenizer)
+    prompts = prompts_file(tmp_path, 5)
+    msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q{i}"}] for i in range(5)]
+    counted = sum(len(tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True)) for m in msgs)  # the tiny family's tokenizer has a chat template
+    dry = sample(prompts, tmp_path / "out", "http://127.0.0.1:9/v1", "--system-prompt", "Be brief.", *BATCH, "--dry-run", "--tokenizer", str(tiny_family.tokenizer))
+    assert dry.exit_code == 0 and f"prompt tokens by tokenizer {tiny_family.tokenizer}" in dry.output and f"~{counted:,} prompt tokens" in dry.output, dry.output
+    bad = sample(prompts, tmp_path / "out", "http://127.0.0.1:9/v1", "--dry-run", "--tokenizer", str(tmp_path / "nothing"))
+    assert bad.exit_code == 2 and "--tokenizer" in one_error_line(bad)

@@ -36,7 +36,7 @@ from pkd.engines import load_engine
 from pkd.models.gguf import convert_gguf, smollm2_gguf_path
 from pkd.records import Manifest
 from pkd.steps.cache_logits import run_cache_logits
-from pkd.steps.teacher_sample import Outcome, Writer
+from pkd.teacher.samples import Outcome, Writer
 from pkd.store import Folder
 from pkd.models.tiny import synthetic_tasks
 from pkd.models.chat import encode_chat

@@ -32,7 +32,7 @@ from pkd.models.gguf import convert_gguf, smollm2_gguf_path
 from pkd.records import Manifest
 from pkd.teacher.splits import split_of
 from pkd.steps.proxy_align import run_proxy_align
-from pkd.steps.teacher_sample import Outcome, Writer
+from pkd.teacher.samples import Outcome, Writer
 from pkd.store import Folder
 from pkd.models.tiny import synthetic_tasks
 

@@ -97,14 +97,28 @@ def teacher_sample(
     commit_interval: Annotated[float | None, typer.Option(help="Commit answers at least every N seconds (a crash loses at most that much).")] = None,
     keep_truncated: Annotated[bool | None, typer.Option("--keep-truncated/--drop-truncated", help="Keep responses cut at --max-tokens.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, count prompts and requests, print the plan; send nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, count prompts and requests, estimate the cost, print the plan; send nothing.")] = False,
+    batch: Annotated[bool | None, typer.Option("--batch", help="Send the requests through the Batch API (about half price, answers within --completion-window); rerun to collect.")] = None,
+    no_wait: Annotated[bool | None, typer.Option("--no-wait", help="With --batch: submit, record, exit; rerun the same command later to collect.")] = None,
+    retry_online: Annotated[bool | None, typer.Option("--retry-online", help="With --batch --retry-failed: request the failed prompts online instead of in a new batch.")] = None,
+    completion_window: Annotated[str | None, typer.Option(help="Batch API completion window (e.g. 24h).")] = None,
+    batch_max_requests: Annotated[int | None, typer.Option(help="Requests per batch file (the provider's limit).")] = None,
+    batch_max_bytes: Annotated[int | None, typer.Option(help="Bytes per batch file (the provider's limit).")] = None,
+    poll_interval: Annotated[float | None, typer.Option(help="Seconds between two looks at the submitted batches.")] = None,
+    write_requests_only: Annotated[bool, typer.Option("--write-requests-only", help="Write the Batch API request files into <out>/requests/ (for `vllm run-batch` or a provider's console) and exit.")] = False,
+    from_batch_output: Annotated[list[str] | None, typer.Option(help="Import Batch API output files (OpenAI's or `vllm run-batch`'s) made from pkd's request files (repeatable).")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="USD this folder may cost in all: online stops before exceeding it, a batch over it is not submitted.")] = None,
+    price_input: Annotated[float | None, typer.Option(help="USD per 1M prompt tokens (your provider's price for this mode).")] = None,
+    price_output: Annotated[float | None, typer.Option(help="USD per 1M completion tokens (your provider's price for this mode).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer (HF id or folder) counting prompt tokens for the estimate (default: characters / 4).")] = None,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Sample the teacher API for every prompt into Parquet shards; resumable, exactly once per sample."""
     from pkd.config import resolve_recipe
-    from pkd.steps.teacher_sample import FAILURES, plan_teacher_sample, retryable_failures, run_teacher_sample
+    from pkd.steps.teacher_sample import plan_teacher_sample, retryable_failures, run_teacher_sample
     from pkd.teacher.prompts import parse_fields
+    from pkd.teacher.samples import FAILURES
 
     fields = parse_fields(prompts_field or []) or None
     flags = dict(
@@ -112,6 +126,9 @@ def teacher_sample(
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, top_logprobs=top_logprobs, concurrency=concurrency,
         request_timeout_s=request_timeout, max_retries=max_retries, max_failures=max_failures, retry_failed=retry_failed,
         retry_after_max_s=retry_after_max, shard_size=shard_size, commit_interval_s=commit_interval, keep_truncated=keep_truncated, limit=limit,
+        mode="batch" if batch else None, wait=False if no_wait else None, retry_online=retry_online, completion_window=completion_window,
+        batch_max_requests=batch_max_requests, batch_max_bytes=batch_max_bytes, poll_interval_s=poll_interval, max_cost=max_cost,
+        price_input=price_input, price_output=price_output, tokenizer=tokenizer,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "teacher_sample", flags)
     if dry_run:
@@ -119,13 +136,25 @@ def teacher_sample(
         splits = ", ".join(f"{k} {v:,}" for k, v in sorted(p.splits.items()))
         console.print(f"[bold]plan[/] {p.model} at {p.base_url} -> {p.out}")
         console.print(f"  prompts {p.prompts:,} ({p.done:,} already done); {p.todo:,} requests for {p.samples:,} samples, at most {p.max_completion_tokens:,} completion tokens; splits: {splits or '-'}")
+        if p.estimate is not None:
+            rule = f"tokenizer {r.teacher_sample.tokenizer}" if r.teacher_sample.tokenizer else "characters / 4"
+            console.print(f"  estimate ({p.mode}, prompt tokens by {rule}): {p.estimate.line()}" + (f" in {p.request_files:,} batch files" if p.mode == "batch" else ""))
+        if p.spent_usd is not None:
+            console.print(f"  spent on this folder so far: ${p.spent_usd:,.4f}" + (f" of --max-cost ${r.teacher_sample.max_cost:,.4f}" if r.teacher_sample.max_cost else ""))
         console.print("  dry run: nothing sent")
         return
     with step_console("teacher-sample", r.teacher_sample.out or r.run.artifact_dir("teacher"), verbose=verbose):
-        s = run_teacher_sample(r.teacher_sample, r.run)
+        s = run_teacher_sample(r.teacher_sample, r.run, requests_only=write_requests_only, imports=from_batch_output)
+    if s.written:
+        console.print(f"[green]wrote {len(s.written):,} request files[/] for {s.plan.todo:,} prompts: " + ", ".join(s.written))
+        console.print(f"  run them elsewhere (e.g. `vllm run-batch -i FILE -o OUT --model ...`), then import: pkd teacher-sample ... --from-batch-output OUT")
+        return
     c, now = s.counts, s.session
     retry = retryable_failures(c)
     hint = f"; {c.get('failed', 0):,} failed (see {s.plan.out}/{FAILURES}), {retry:,} of them for a transient reason: rerun with --retry-failed to request those again" if retry else ""
+    if not now and s.pending:
+        console.print(f"[yellow]{len(s.pending):,} batches submitted or running[/] ({', '.join(s.pending)}): rerun the same command to collect them (without --no-wait it waits)")
+        return
     if not now:
         console.print(f"[green]nothing to do[/] {s.plan.out}: all {s.plan.prompts:,} prompts already handled ({c.get('samples', 0):,} samples){hint}")
         return
@@ -133,7 +162,7 @@ def teacher_sample(
     for col in ("", "this run", "whole folder"):
         t.add_column(col, justify="right" if col else "left")
     keys = ["prompts_done", "samples", "requests", "retries", "prompt_tokens", "completion_tokens"]
-    keys += sorted(k for k in {**c, **now} if k.startswith(("dropped_", "failed", "retry_after")))
+    keys += sorted(k for k in {**c, **now} if k.startswith(("dropped_", "failed", "retry_after", "batch_")))
     for k in keys:
         t.add_row(k.replace("_", " "), f"{now.get(k, 0):,}", f"{c.get(k, 0):,}")
     rate = now.get("samples", 0) / max(s.elapsed_s, 1e-9)
@@ -141,6 +170,8 @@ def teacher_sample(
     console.print(t)
     if c.get("failed"):
         console.print(f"{c['failed']:,} prompts failed for good (see {s.plan.out}/{FAILURES})" + (f"; {retry:,} for a transient reason: rerun with --retry-failed to request them again" if retry else ""))
+    if s.pending:
+        console.print(f"[yellow]{len(s.pending):,} batches still running[/] ({', '.join(s.pending)}): rerun the same command to collect them (without --no-wait it waits)")
 
 
 # pkd proxy-align -------------------------------------------------------------------------------

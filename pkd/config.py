@@ -42,7 +42,7 @@ class RunConfig(Section):
 class TeacherSampleConfig(Section):
     """`pkd teacher-sample`: the endpoint, how to sample, how hard to push it, where output goes.
 
-    Only the sampling fields (`SAMPLING_KEYS` in pkd.steps.teacher_sample) fix what an output
+    Only the sampling fields (`SAMPLING_KEYS` in pkd.teacher.samples) fix what an output
     folder holds; the others (endpoint URL, concurrency, retries, limit, ...) may change between a
     run and its resumption. The API key is never configured here, only the variable holding it."""
 
@@ -73,6 +73,23 @@ class TeacherSampleConfig(Section):
     keep_truncated: bool = False  # keep responses cut at max_tokens (finish_reason = length)
     split_ratios: tuple[float, float, float] = DEFAULT_RATIOS  # warmup / align / distill
     limit: int | None = Field(default=None, ge=1)  # only the first N prompts
+    mode: Literal["online", "batch"] = "online"  # batch: the Batch API (pkd.teacher.batch), same requests, same output
+    batch_max_requests: int = Field(default=50_000, ge=1)  # requests per batch file (the provider's limit)
+    batch_max_bytes: int = Field(default=200_000_000, ge=1024)  # bytes per batch file (the provider's limit)
+    completion_window: str = "24h"  # batches.create(completion_window=...)
+    poll_interval_s: float = Field(default=30.0, gt=0)  # between two looks at the submitted batches
+    wait: bool = True  # batch: wait for the batches and collect them (False: submit, record, exit)
+    retry_online: bool = False  # batch + retry_failed: request the failed prompts online instead of in a new batch
+    max_cost: float | None = Field(default=None, gt=0)  # USD for the whole folder, at price_input/price_output
+    price_input: float | None = Field(default=None, ge=0)  # USD per 1M prompt tokens (the user's figure: batch prices differ)
+    price_output: float | None = Field(default=None, ge=0)  # USD per 1M completion tokens
+    tokenizer: str | None = None  # counts prompt tokens for the cost estimate (default: characters / 4)
+
+    @model_validator(mode="after")
+    def _prices(self) -> TeacherSampleConfig:
+        if self.max_cost is not None and (self.price_input is None or self.price_output is None):
+            raise ValueError("max_cost needs price_input and price_output (USD per 1M tokens) to turn tokens into dollars")
+        return self
 
     @field_validator("split_ratios")
     @classmethod

@@ -70,4 +70,11 @@ class LaunchError(PkdError):
     """Parts launched on a cluster failed for good, or a launcher cannot run (not installed, no
     cluster to reach): the message names the parts, their logs and what to do."""
 
+    exit_code = 6
+
+
+class BudgetError(PkdError):
+    """A run would spend more than `--max-cost`: stopped (online) or refused (batch) before it;
+    everything paid for is committed, and a rerun with a higher budget continues."""
+
     exit_code = 5

@@ -83,6 +83,11 @@ class StepProgress:
             failures=self._failures,
         )
 
+    def say(self, text: str) -> None:
+        """A status line above the bar (e.g. the batches' states at each poll)."""
+        if self._bar is not None:
+            self._bar.console.print(text, highlight=False)
+
 
 def trainer_progress(description: str, *, epoch_of: Callable[[int], float] | None = None, enabled: bool = True) -> Any:
     """A `transformers.TrainerCallback` drawing one bar for a training run: optimizer steps of

@@ -29,7 +29,7 @@ from pkd.records import LogitCacheManifest, Manifest
 from pkd.teacher.splits import split_of
 from pkd.errors import CompatibilityError, InputError
 from pkd.steps.cache_logits import part_of, resolve_proxy, run_cache_logits, scoring_model
-from pkd.steps.teacher_sample import Outcome, Writer
+from pkd.teacher.samples import Outcome, Writer
 from pkd.store import Folder
 from pkd.models.tiny import TinyFamily, build_llama, default_corpus, synthetic_tasks, train_tokenizer
 from pkd.models.chat import encode_chat

@@ -18,7 +18,7 @@ from pkd.records import FileEntry, Manifest
 from pkd.teacher.splits import split_of
 from pkd.answers import matches, stated_answer
 from pkd.steps.evaluate import encode, evaluate
-from pkd.steps.teacher_sample import sample_schema
+from pkd.teacher.samples import sample_schema
 from pkd.steps.train_student import train_student
 from pkd.store import Folder
 from pkd.models.tiny import synthetic_tasks

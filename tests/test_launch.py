@@ -172,7 +172,7 @@ def test_launched_parts_merge_to_the_same_cache(launcher: str, root: Path, singl
 
 def test_no_wait_is_refused_where_parts_end_with_pkd(root: Path, tmp_path: Path) -> None:  # noqa: F811
     result = CliRunner().invoke(app, ["cache-logits", "--teacher", str(root / "teacher"), "--proxy", str(root / "proxy"), "--parts", "2", "--no-wait", "--out", str(tmp_path / "out")])
-    assert result.exit_code == 5 and "--no-wait: local parts end with the pkd process" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 6 and "--no-wait: local parts end with the pkd process" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.slow

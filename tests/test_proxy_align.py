@@ -29,7 +29,7 @@ from pkd.errors import ConfigError, InputError
 from pkd.records import Manifest
 from pkd.teacher.splits import split_of
 from pkd.steps.proxy_align import Summary, load_chat_tokenizer, run_proxy_align, vocab_warning
-from pkd.steps.teacher_sample import Outcome, Writer
+from pkd.teacher.samples import Outcome, Writer
 from pkd.store import Folder
 from pkd.models.tiny import TinyFamily, build_llama, default_corpus, synthetic_tasks, train_tokenizer
 from pkd.models.chat import encode_chat

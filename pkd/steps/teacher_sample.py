@@ -206,8 +206,8 @@ def run_teacher_sample(cfg: TeacherSampleConfig, run: RunConfig, *, progress: bo
             raise ConfigError(f"{len(waiting):,} batches of this folder are not collected yet: rerun with --batch to collect them (online, their prompts would be paid twice)")
         if not r.todo and r.manifest.complete and not (batching and batch.load_state(folder).pending()):
             return Summary(plan, dict(writer.manifest.counts), {}, time.monotonic() - start)
-        if not folder.has_manifest():
-            folder.write_manifest(writer.manifest)  # the folder is ours before any other file lands in it
+        if not folder.has_manifest() and (batching or requests_only or imports):
+            folder.write_manifest(writer.manifest)  # the folder is ours before a batch's or a request file lands in it
         if requests_only:
             return Summary(plan, dict(writer.manifest.counts), {}, time.monotonic() - start, written=_write_requests(cfg, r))
         pending: list[str] = []

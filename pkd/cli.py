@@ -52,16 +52,21 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(recipe_app, name="recipe")
 
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).", rich_help_panel="Recipe and console")]
 CacheURI = Annotated[str, typer.Argument(help="Cache folder: a local path or an fsspec URI (s3://, hf://, memory://, ...).")]
-VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.")]
+VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.", rich_help_panel="Recipe and console")]
+
+
+def _print_version(value: bool) -> None:
+    """Eager: runs while the options are parsed, before click asks for a command."""
+    if value:
+        console.print(f"pkd {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
-    if version:
-        console.print(f"pkd {__version__}")
-        raise typer.Exit()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Root options (the app's help text says what pkd does)."""
 
 
 # pkd teacher-sample -----------------------------------------------------------------------------
@@ -70,29 +75,29 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
 @app.command("teacher-sample")
 def teacher_sample(
     prompts: Annotated[str | None, typer.Option(help="Prompt set: JSONL, Parquet, a saved HF dataset dir (path or fsspec URI), or a Hub dataset ORG/NAME.")] = None,
-    prompts_split: Annotated[str | None, typer.Option(help="Split of a Hub dataset (default: train).")] = None,
-    prompts_field: Annotated[list[str] | None, typer.Option(help="Map a pkd field to a column: prompt=question, reference=answer, id=..., messages=... (repeatable).")] = None,
+    prompts_split: Annotated[str | None, typer.Option(help="Split of a Hub dataset (default: train).", rich_help_panel="Prompts")] = None,
+    prompts_field: Annotated[list[str] | None, typer.Option(help="Map a pkd field to a column: prompt=question, reference=answer, id=..., messages=... (repeatable).", rich_help_panel="Prompts")] = None,
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Output folder or URI (default: <run.root>/<run.name>/teacher).")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root, e.g. https://api.openai.com/v1.")] = None,
     model: Annotated[str | None, typer.Option(help="Teacher model name at that endpoint.")] = None,
     api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key (unset: no auth, for local servers).")] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System message for prompts that have none.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System message for prompts that have none.", rich_help_panel="Prompts")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Samples per prompt.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.", rich_help_panel="Sampling")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Response length cap in tokens.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed: each request carries one derived from it and the prompt id (independent draws across prompts, the same ones on a rerun).")] = None,
-    top_logprobs: Annotated[int | None, typer.Option(help="Also store the teacher's top-K logprobs per token (K <= 20), where the API offers them.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
-    request_timeout: Annotated[float | None, typer.Option(help="Seconds before one request is abandoned (then retried).")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="Retries per request for transient errors (429, 5xx, timeouts, ...).")] = None,
-    max_failures: Annotated[int | None, typer.Option(help="Prompts allowed to fail for good before the run stops.")] = None,
-    retry_failed: Annotated[bool | None, typer.Option("--retry-failed", help="Request again the prompts that failed for a transient reason (5xx, timeout, malformed reply, ...).")] = None,
-    retry_after_max: Annotated[float | None, typer.Option(help="Longest wait, in seconds, a Retry-After header may ask for.")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet shard.")] = None,
-    commit_interval: Annotated[float | None, typer.Option(help="Commit answers at least every N seconds (a crash loses at most that much).")] = None,
-    keep_truncated: Annotated[bool | None, typer.Option("--keep-truncated/--drop-truncated", help="Keep responses cut at --max-tokens.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: each request carries one derived from it and the prompt id (independent draws across prompts, the same ones on a rerun).", rich_help_panel="Sampling")] = None,
+    top_logprobs: Annotated[int | None, typer.Option(help="Also store the teacher's top-K logprobs per token (K <= 20), where the API offers them.", rich_help_panel="Sampling")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.", rich_help_panel="Requests and resuming")] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds before one request is abandoned (then retried).", rich_help_panel="Requests and resuming")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries per request for transient errors (429, 5xx, timeouts, ...).", rich_help_panel="Requests and resuming")] = None,
+    max_failures: Annotated[int | None, typer.Option(help="Prompts allowed to fail for good before the run stops.", rich_help_panel="Requests and resuming")] = None,
+    retry_failed: Annotated[bool | None, typer.Option("--retry-failed", help="Request again the prompts that failed for a transient reason (5xx, timeout, malformed reply, ...).", rich_help_panel="Requests and resuming")] = None,
+    retry_after_max: Annotated[float | None, typer.Option(help="Longest wait, in seconds, a Retry-After header may ask for.", rich_help_panel="Requests and resuming")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet shard.", rich_help_panel="Requests and resuming")] = None,
+    commit_interval: Annotated[float | None, typer.Option(help="Commit answers at least every N seconds (a crash loses at most that much).", rich_help_panel="Requests and resuming")] = None,
+    keep_truncated: Annotated[bool | None, typer.Option("--keep-truncated/--drop-truncated", help="Keep responses cut at --max-tokens.", rich_help_panel="Sampling")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, count prompts and requests, print the plan; send nothing.")] = False,
     assign: SetOption = None,
@@ -150,52 +155,52 @@ def proxy_align(
     teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/proxy).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student model, only to check the vocabularies match (default: [train_student] student).")] = None,
-    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (one vLLM serves: 1, 8, 16, 32, 64, 128, 256, 320, 512).")] = None,
-    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha.")] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
-    lora_target: Annotated[str | None, typer.Option(help="LoRA target modules: 'all-linear' or comma-separated names.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate (warm-up and rounds).")] = None,
-    lr_scheduler: Annotated[str | None, typer.Option(help="transformers scheduler name, e.g. constant, cosine.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples (pairs) per device per micro-batch.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of warm-up SFT on D_w (0: skip).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Epochs over each round's pairs.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens kept per sample.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model, only to check the vocabularies match (default: [train_student] student).", rich_help_panel="Output and tracking")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.", rich_help_panel="LoRA")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (one vLLM serves: 1, 8, 16, 32, 64, 128, 256, 320, 512).", rich_help_panel="LoRA")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha.", rich_help_panel="LoRA")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.", rich_help_panel="LoRA")] = None,
+    lora_target: Annotated[str | None, typer.Option(help="LoRA target modules: 'all-linear' or comma-separated names.", rich_help_panel="LoRA")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate (warm-up and rounds).", rich_help_panel="Training")] = None,
+    lr_scheduler: Annotated[str | None, typer.Option(help="transformers scheduler name, e.g. constant, cosine.", rich_help_panel="Training")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples (pairs) per device per micro-batch.", rich_help_panel="Training")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel="Training")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of warm-up SFT on D_w (0: skip).", rich_help_panel="Training")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs over each round's pairs.", rich_help_panel="Training")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens kept per sample.", rich_help_panel="Training")] = None,
     rounds: Annotated[int | None, typer.Option(help="Alignment rounds K (0: warm-up only).")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="D_p prompts per round (default: D_p / rounds).")] = None,
-    beta: Annotated[float | None, typer.Option(help="DPO β.")] = None,
-    engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where a round generates faster).")] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO β.", rich_help_panel="Training")] = None,
+    engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where a round generates faster).", rich_help_panel="Sampling")] = None,
     sample_merged: Annotated[str | None, typer.Option(help=(
         "vLLM + LoRA: sample each round from base + adapter merged into one model in the round's work folder (auto, always, never). "
         "auto merges where vLLM runs on the CPU, where its LoRA path is the slow part; on a GPU it keeps the adapter, since a "
         "big proxy's merge costs minutes and its size in disk every round."
-    ))] = None,
-    temperature: Annotated[float | None, typer.Option(help="Proxy sampling temperature.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Proxy nucleus sampling mass.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Proxy response length cap in tokens.")] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM may take while it samples.")] = None,
-    eval_samples: Annotated[int | None, typer.Option(help="Held-out teacher samples (from D_s) every stage is measured on.")] = None,
+    ), rich_help_panel="Sampling")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Proxy sampling temperature.", rich_help_panel="Sampling")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Proxy nucleus sampling mass.", rich_help_panel="Sampling")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Proxy response length cap in tokens.", rich_help_panel="Sampling")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM may take while it samples.", rich_help_panel="Sampling")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out teacher samples (from D_s) every stage is measured on.", rich_help_panel="Held-out measures and selection")] = None,
     answer_pattern: Annotated[str | None, typer.Option(help=(
         "Skill = greedy exact match against the prompts' `reference`: compare the last match of this regex (group 1 if any) "
         "instead of the whole answer, e.g. '#### (\\S+)' for GSM8K."
-    ))] = None,
-    eval_tasks: Annotated[str | None, typer.Option(help="lm-eval tasks measured after every stage too, comma-separated (pip install 'pkd[eval]').")] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="--eval-tasks: first N documents per task.")] = None,
+    ), rich_help_panel="Held-out measures and selection")] = None,
+    eval_tasks: Annotated[str | None, typer.Option(help="lm-eval tasks measured after every stage too, comma-separated (pip install 'pkd[eval]').", rich_help_panel="Held-out measures and selection")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="--eval-tasks: first N documents per task.", rich_help_panel="Held-out measures and selection")] = None,
     select: Annotated[str | None, typer.Option(help=(
         "Which stage is the output proxy: best (lowest held-out teacher NLL among the stages whose skill stays within "
         "--max-skill-drop of the base proxy's) or last (the last round, as in the paper)."
-    ))] = None,
-    max_skill_drop: Annotated[float | None, typer.Option(help="--select best: skill points (exact match %, or mean lm-eval score %) a stage may lose against the base proxy.")] = None,
-    nll_weight: Annotated[float | None, typer.Option(help="Weight of NLL(teacher response) beside the DPO term in each round (1: the paper's sum).")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
-    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
-    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).")] = None,
-    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    ), rich_help_panel="Held-out measures and selection")] = None,
+    max_skill_drop: Annotated[float | None, typer.Option(help="--select best: skill points (exact match %, or mean lm-eval score %) a stage may lose against the base proxy.", rich_help_panel="Held-out measures and selection")] = None,
+    nll_weight: Annotated[float | None, typer.Option(help="Weight of NLL(teacher response) beside the DPO term in each round (1: the paper's sum).", rich_help_panel="Training")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", rich_help_panel="Training")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.", rich_help_panel="Training")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.", rich_help_panel="Output and tracking")] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.", rich_help_panel="Output and tracking")] = None,
+    seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).", rich_help_panel="Training")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Output and tracking")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.", rich_help_panel="Output and tracking")] = False,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -237,25 +242,25 @@ def cache_logits(
     proxy: Annotated[str | None, typer.Option(help="`pkd proxy-align` output: base + adapter from its manifest (default: <run.root>/<run.name>/proxy).")] = None,
     teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
     recipe: RecipeOption = None,
-    model: Annotated[str | None, typer.Option(help="Proxy base or merged model directory (instead of, or overriding the base of, --proxy).")] = None,
-    adapter: Annotated[str | None, typer.Option(help="LoRA adapter directory to score with (its base: --model or the adapter's record).")] = None,
-    no_adapter: Annotated[bool | None, typer.Option("--no-adapter", help="Score with the base model alone (the unaligned-proxy ablation).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student model directory: refuse to start if the cache would not fit its tokenizer/vocab.")] = None,
+    model: Annotated[str | None, typer.Option(help="Proxy base or merged model directory (instead of, or overriding the base of, --proxy).", rich_help_panel="Which proxy")] = None,
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter directory to score with (its base: --model or the adapter's record).", rich_help_panel="Which proxy")] = None,
+    no_adapter: Annotated[bool | None, typer.Option("--no-adapter", help="Score with the base model alone (the unaligned-proxy ablation).", rich_help_panel="Which proxy")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model directory: refuse to start if the cache would not fit its tokenizer/vocab.", rich_help_panel="Which proxy")] = None,
     out: Annotated[str | None, typer.Option(help="Cache folder or URI (default: <run.root>/<run.name>/logits, or logits-parts/I-of-N with --part).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split to score: distill (D_s, the default), align or warmup.")] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Top-k ids/logprobs kept per response position.")] = None,
-    sampled: Annotated[int | None, typer.Option("--sampled", help="Instead of the top-k: N draws per position from the proxy's full distribution (RS-KD; transformers engine).")] = None,
-    proposal_temperature: Annotated[float | None, typer.Option(help="--sampled: temperature of the distribution drawn from (≠ 1: the loss importance-weights the draws).")] = None,
-    max_logprobs: Annotated[int | None, typer.Option(help="Largest k the engine accepts (vLLM's max_logprobs, default 20).")] = None,
-    engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where it scores faster).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.")] = None,
-    overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.")] = None,
-    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`.")] = None,
-    shard_rows: Annotated[int | None, typer.Option(help="Samples per committed shard (the unit of resumption).")] = None,
-    batch_tokens: Annotated[int | None, typer.Option(help="Transformers engine: padded tokens per forward.")] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.")] = None,
-    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score: distill (D_s, the default), align or warmup.", rich_help_panel="What is kept")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Top-k ids/logprobs kept per response position.", rich_help_panel="What is kept")] = None,
+    sampled: Annotated[int | None, typer.Option("--sampled", help="Instead of the top-k: N draws per position from the proxy's full distribution (RS-KD; transformers engine).", rich_help_panel="What is kept")] = None,
+    proposal_temperature: Annotated[float | None, typer.Option(help="--sampled: temperature of the distribution drawn from (≠ 1: the loss importance-weights the draws).", rich_help_panel="What is kept")] = None,
+    max_logprobs: Annotated[int | None, typer.Option(help="Largest k the engine accepts (vLLM's max_logprobs, default 20).", rich_help_panel="What is kept")] = None,
+    engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where it scores faster).", rich_help_panel="Engine and parts")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.", rich_help_panel="Engine and parts")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.", rich_help_panel="What is kept")] = None,
+    overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.", rich_help_panel="What is kept")] = None,
+    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`.", rich_help_panel="Engine and parts")] = None,
+    shard_rows: Annotated[int | None, typer.Option(help="Samples per committed shard (the unit of resumption).", rich_help_panel="Engine and parts")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Transformers engine: padded tokens per forward.", rich_help_panel="Engine and parts")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.", rich_help_panel="Engine and parts")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.", rich_help_panel="Engine and parts")] = None,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -319,28 +324,28 @@ def train_student(
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/student).")] = None,
     alpha: Annotated[float | None, typer.Option(help="KD strength α; 0 = plain SFT on the teacher's tokens.")] = None,
-    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket on both sides) or 'renorm' (the proxy's top-k renormalised, against the student's full-vocabulary log-probs).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).")] = None,
-    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="Every w = the cache's mean σ((ℓ − μ)/γ) instead of its own: same α·E(w), no spread.")] = None,
+    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket on both sides) or 'renorm' (the proxy's top-k renormalised, against the student's full-vocabulary log-probs).", rich_help_panel="Loss")] = None,
+    temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).", rich_help_panel="Loss")] = None,
+    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="Every w = the cache's mean σ((ℓ − μ)/γ) instead of its own: same α·E(w), no spread.", rich_help_panel="Loss")] = None,
     weight_ce: Annotated[bool | None, typer.Option("--weight-ce/--no-weight-ce", help=(
         "Weight the CE term by the sample weight too, as w / w̄ (w̄: the cache's token-weighted mean w, so CE keeps its scale "
         "on average): a wrong teacher response is then learnt less through CE as well as KD. Beyond the paper (off: its loss)."
-    ))] = None,
-    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per device per micro-batch.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the cache (sets max_steps unless given).")] = None,
+    ), rich_help_panel="Loss")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.", rich_help_panel="Training")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.", rich_help_panel="Training")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.", rich_help_panel="Training")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per device per micro-batch.", rich_help_panel="Training")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel="Training")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the cache (sets max_steps unless given).", rich_help_panel="Training")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
-    data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.")] = None,
-    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).")] = None,
-    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.", rich_help_panel="Training")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", rich_help_panel="Training")] = None,
+    data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.", rich_help_panel="Training")] = None,
+    workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.", rich_help_panel="Training")] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.", rich_help_panel="Checkpoints and tracking")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.", rich_help_panel="Checkpoints and tracking")] = None,
+    seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).", rich_help_panel="Training")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Checkpoints and tracking")] = None,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -371,16 +376,16 @@ def evaluate(
     model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
     samples: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
     recipe: RecipeOption = None,
-    base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).", rich_help_panel="Teacher samples")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.", rich_help_panel="Teacher samples")] = None,
     tasks: Annotated[str | None, typer.Option(help="Standard benchmarks, comma-separated lm-eval task names (gsm8k,arc_easy,...): needs pkd[eval].")] = None,
-    num_fewshot: Annotated[int | None, typer.Option(help="Benchmarks: few-shot examples (default: each task's own).")] = None,
-    include_path: Annotated[str | None, typer.Option(help="Benchmarks: a folder of local lm-eval task YAML files.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Benchmarks: few-shot examples (default: each task's own).", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    include_path: Annotated[str | None, typer.Option(help="Benchmarks: a folder of local lm-eval task YAML files.", rich_help_panel="Benchmarks (lm-eval)")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples (and N documents per benchmark task).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
-    answer_pattern: Annotated[str | None, typer.Option(help="Regex for the stated answer exact match compares (group 1 if any; the last match wins).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per forward.", rich_help_panel="Teacher samples")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.", rich_help_panel="Teacher samples")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.", rich_help_panel="Teacher samples")] = None,
+    answer_pattern: Annotated[str | None, typer.Option(help="Regex for the stated answer exact match compares (group 1 if any; the last match wins).", rich_help_panel="Teacher samples")] = None,
     out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     assign: SetOption = None,
@@ -395,7 +400,7 @@ def evaluate(
         batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "eval", flags)
-    with step_console("eval", str(Path(r.eval.out).with_suffix("")) if r.eval.out else r.run.artifact_dir("eval"), verbose=verbose):
+    with step_console("eval", _eval_log_base(r.eval.out, r.eval.model), verbose=verbose):
         report = run_evaluate(r.eval, r.run, progress=True)
     if as_json:
         console.print_json(json.dumps(report))
@@ -423,6 +428,14 @@ def evaluate(
                 stderr = metrics.get(key.replace(",", "_stderr,", 1))
                 t.add_row(task, key.split(",")[0], f"{value:.4f}", "-" if stderr is None else f"{stderr:.4f}", f"{bench['samples'].get(task, '-')}")
         console.print(t)
+
+
+def _eval_log_base(out: str | None, model: str | None) -> str | None:
+    """Where eval's log goes: beside its report (`x/eval.json` -> `x/eval.log`), else beside the
+    model (`run/student` -> `run/student.eval.log`), else nowhere."""
+    if out:
+        return str(Path(out).with_suffix(""))
+    return f"{model.rstrip('/')}.eval" if model else None
 
 
 # pkd demo ----------------------------------------------------------------------------------------

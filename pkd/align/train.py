@@ -17,6 +17,7 @@ from typing import Any
 
 from pkd.models.lora import target_modules
 from pkd.config import ProxyAlignConfig, report_to
+from pkd.progress import status
 
 
 def runtime(precision: str) -> tuple[bool, Any]:
@@ -127,7 +128,8 @@ def dpo_round(
         precompute_ref_log_probs=True,
     )  # fmt: skip
     start = time.monotonic()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks(stage, progress))
+    with status(f"proxy-align {stage}: reference log-probs of {len(rows)} pairs", enabled=progress):
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks(stage, progress))
     ref_s = time.monotonic() - start  # tokenization + the reference forward over every pair
     start = time.monotonic()
     out = trainer.train()

@@ -44,6 +44,7 @@ from pkd.teacher.samples import read_teacher_samples, teacher_fingerprint
 from pkd.config import ProxyAlignConfig, Recipe
 from pkd.errors import ConfigError, InputError
 from pkd.fingerprint import files_fingerprint, sha256_file, tokenizer_fingerprint
+from pkd.progress import status
 from pkd.records import MANIFEST_NAME, FileEntry, Manifest
 from pkd.store import Folder
 
@@ -277,7 +278,7 @@ class _Context:
 
             figures["benchmarks"] = run_benchmarks(
                 model, self.tokenizer, self.cfg.eval_tasks, limit=self.cfg.eval_limit, batch_size=self.cfg.per_device_batch_size,
-                max_length=self.cfg.max_length, seed=self.seed,
+                max_length=self.cfg.max_length, seed=self.seed, progress=self.progress,
             )  # fmt: skip
         return figures
 
@@ -320,7 +321,8 @@ class _Context:
             "gpu_memory_utilization": cfg.gpu_memory_utilization, "sample_merged": cfg.sample_merged,
         }  # fmt: skip
         started = time.monotonic()
-        result = sample_round(request, self.out.scratch(f"{_round(k)}-sampling"))
+        with status(f"{_round(k)}: sampling {len(chunk)} proxy responses ({self.engine})", enabled=self.progress):
+            result = sample_round(request, self.out.scratch(f"{_round(k)}-sampling"))
         gen_s = time.monotonic() - started  # wall time, with the child process and engine start
         stage = self.out.scratch(f"{_round(k)}-samples")
         lines = [{"prompt_id": g[0].prompt_id, "response": r} for g, r in zip(chunk, result.pop("responses"), strict=True)]

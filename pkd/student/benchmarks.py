@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pkd.errors import ConfigError, InputError
+from pkd.progress import status
 
 
 def _lm_eval() -> Any:
@@ -35,9 +36,11 @@ def run_benchmarks(
     batch_size: int = 8,
     max_length: int | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run `tasks` on the model in memory; returns, per task, its metrics (e.g. "acc,none") and
-    sample count, with the settings that produced them."""
+    sample count, with the settings that produced them. `progress`: a spinner while lm-eval runs
+    (its own bars are off: tqdm is silenced in a step)."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -58,10 +61,11 @@ def run_benchmarks(
                 "check the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), the dataset's access, or point --include-path at a local copy of the task"
             ) from None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-    )  # fmt: skip
+    with status(f"lm-eval: {', '.join(tasks)}", enabled=progress):
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )  # fmt: skip
     scores = {
         task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))}
         for task, metrics in out["results"].items()

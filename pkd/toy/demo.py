@@ -121,7 +121,7 @@ def run_demo(
 
     # transformers' save/load progress bars go to world.log beside the world; the phases to the terminal
     with _timer(timings, "world"), step_console("world", str(paths.world)):  # 2 threads: more only spin on models this small
-        world = build_world(paths.world, quick=quick, threads=min(2, os.cpu_count() or 1), log=lambda line: terminal().print(line, markup=False, highlight=False))
+        world = build_world(paths.world, quick=quick, threads=min(2, os.cpu_count() or 1), log=lambda line: terminal().print(line, markup=False, highlight=False), progress=True)
     say(f"toy world at {paths.world}: teacher held-out accuracy {world.report['teacher_heldout_accuracy']:.1%}")
     if not resume:
         shutil.rmtree(paths.run, ignore_errors=True)

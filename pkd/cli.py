@@ -54,7 +54,21 @@ app.add_typer(recipe_app, name="recipe")
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).", rich_help_panel="Recipe and console")]
 CacheURI = Annotated[str, typer.Argument(help="Cache folder: a local path or an fsspec URI (s3://, hf://, memory://, ...).")]
+TrainerArgOption = Annotated[list[str] | None, typer.Option("--trainer-arg", help=(
+    "Any other Trainer setting, KEY=VALUE (repeatable): a TrainingArguments field (train-student) or SFTConfig/DPOConfig "
+    "field (proxy-align), e.g. optim=adamw_torch_fused, torch_compile=true, deepspeed=ds.json."
+), rich_help_panel="Trainer and tracking")]
+RunNameOption = Annotated[str | None, typer.Option(help="Run name in the trackers (wandb, trackio, mlflow, tensorboard).", rich_help_panel="Trainer and tracking")]
+ProjectOption = Annotated[str | None, typer.Option(help="Tracker project: wandb project, trackio project, mlflow experiment.", rich_help_panel="Trainer and tracking")]
 VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.", rich_help_panel="Recipe and console")]
+
+
+def _trainer_table(trainer_arg: list[str] | None, run_name: str | None, project: str | None) -> dict[str, Any] | None:
+    """`--trainer-arg`, `--run-name` and `--project` as keys of the step's `trainer` table."""
+    from pkd.config import key_values
+
+    table = (key_values(trainer_arg, "--trainer-arg") or {}) | {k: v for k, v in (("run_name", run_name), ("project", project)) if v is not None}
+    return table or None
 
 
 def _print_version(value: bool) -> None:
@@ -199,7 +213,10 @@ def proxy_align(
     logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.", rich_help_panel="Output and tracking")] = None,
     merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.", rich_help_panel="Output and tracking")] = None,
     seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).", rich_help_panel="Training")] = None,
-    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Output and tracking")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Trainer and tracking")] = None,
+    run_name: RunNameOption = None,
+    project: ProjectOption = None,
+    trainer_arg: TrainerArgOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.", rich_help_panel="Output and tracking")] = False,
     assign: SetOption = None,
     verbose: VerboseOption = False,
@@ -217,7 +234,7 @@ def proxy_align(
         max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
         answer_pattern=answer_pattern, eval_tasks=eval_tasks, eval_limit=eval_limit, select=select, max_skill_drop=max_skill_drop,
         nll_weight=nll_weight, precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
-        report_to=report_to,
+        report_to=report_to, trainer=_trainer_table(trainer_arg, run_name, project),
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "proxy_align", flags)
     with step_console("proxy-align", r.proxy_align.out or r.run.artifact_dir("proxy"), verbose=verbose):
@@ -342,10 +359,13 @@ def train_student(
     precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", rich_help_panel="Training")] = None,
     data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.", rich_help_panel="Training")] = None,
     workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.", rich_help_panel="Training")] = None,
-    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.", rich_help_panel="Checkpoints and tracking")] = None,
-    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.", rich_help_panel="Checkpoints and tracking")] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.", rich_help_panel="Checkpoints")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.", rich_help_panel="Checkpoints")] = None,
     seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).", rich_help_panel="Training")] = None,
-    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Checkpoints and tracking")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Trainer and tracking")] = None,
+    run_name: RunNameOption = None,
+    project: ProjectOption = None,
+    trainer_arg: TrainerArgOption = None,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -358,6 +378,7 @@ def train_student(
         lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
         epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
         dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed, report_to=report_to,
+        trainer=_trainer_table(trainer_arg, run_name, project),
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "train_student", flags)
     with step_console("train-student", r.train_student.out or r.run.artifact_dir("student"), verbose=verbose):

@@ -250,5 +250,5 @@ def test_version_and_help_panels():
     version = CliRunner().invoke(app, ["--version"])
     assert version.exit_code == 0 and version.output.strip() == f"pkd {__version__}"
     help_text = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["train-student", "--help"], terminal_width=80).output
-    assert help_text.index("--cache") < help_text.index("Loss") < help_text.index("--temperature") < help_text.index("Checkpoints and tracking")
+    assert help_text.index("--cache") < help_text.index("Loss") < help_text.index("--temperature") < help_text.index("Trainer and tracking")
     assert "…" not in help_text

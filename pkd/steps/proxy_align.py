@@ -44,6 +44,7 @@ from pkd.teacher.samples import read_teacher_samples, teacher_fingerprint
 from pkd.config import ProxyAlignConfig, Recipe
 from pkd.errors import ConfigError, InputError
 from pkd.fingerprint import files_fingerprint, sha256_file, tokenizer_fingerprint
+from pkd.models.trainer_args import ALIGN_KEYS, ALIGN_OWNED, check_trainer_settings, tracker_project, training_settings
 from pkd.progress import status
 from pkd.records import MANIFEST_NAME, FileEntry, Manifest
 from pkd.store import Folder
@@ -130,7 +131,7 @@ class Output:
             if m.kind != "proxy":
                 raise InputError(f"{root} holds a {m.kind!r} artifact, not an aligned proxy: choose another --out")
             changed = [f"{k}: {m.inputs.get(k)} there, {v} now" for k, v in inputs.items() if m.inputs.get(k) != v]
-            changed += [f"{k}: {m.config.get(k)!r} there, {config[k]!r} now" for k in STATE_KEYS if m.config.get(k) != config[k]]
+            changed += [f"{k}: {m.config.get(k)!r} there, {config.get(k)!r} now" for k in STATE_KEYS if m.config.get(k) != config.get(k)]
             if changed:
                 raise ConfigError(f"{root} holds a proxy aligned from other inputs or settings ({'; '.join(changed)}): choose another --out, or rerun with the same ones")
             m.config = config
@@ -196,6 +197,7 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None,
     if "://" in out_spec and not out_spec.startswith("file://"):
         raise ConfigError(f"--out {out_spec!r}: proxy-align writes models with transformers and needs a local folder")
     Folder(out_spec.removeprefix("file://")).check_folder("--out", write=True)  # before models load, not at the warm-up's end
+    _check_trainer_table(cfg)
     teacher = Folder(cfg.teacher or run.artifact_dir("teacher"))
     t_manifest, samples = read_teacher_samples(teacher)
     data = split_samples(samples, eval_samples=cfg.eval_samples, seed=seed, where=teacher.uri)
@@ -206,24 +208,35 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None,
     if student and (warning := vocab_warning(tokenizer, base_dir, student)):
         summary.warnings.append(warning)
         say(f"warning: {warning}")
-    config = cfg.model_dump(mode="json") | {"seed": seed}
+    config = cfg.model_dump(mode="json", exclude={"trainer"}) | {"seed": seed}
+    if settings := training_settings(cfg.trainer):  # absent when empty: folders made before the table still resume
+        config["trainer"] = settings
     out = Output(Path(out_spec.removeprefix("file://")), {"teacher": teacher_fingerprint(t_manifest), "proxy_base": files_fingerprint(base_dir)}, config)
     ctx = _Context(cfg, seed, base_dir, tokenizer, data, out, resolve_engine(cfg.engine), say, progress)
 
-    if not out.counts["warmup"]:
-        ctx.warmup()
-        summary.ran.append("warmup")
-    for k in range(1, cfg.rounds + 1):
-        if out.counts["rounds_sampled"] < k:
-            ctx.sample(k)
-        if out.counts["rounds_done"] < k:
-            ctx.align(k)
-            summary.ran.append(_round(k))
+    with tracker_project(cfg.trainer.get("project")):
+        if not out.counts["warmup"]:
+            ctx.warmup()
+            summary.ran.append("warmup")
+        for k in range(1, cfg.rounds + 1):
+            if out.counts["rounds_sampled"] < k:
+                ctx.sample(k)
+            if out.counts["rounds_done"] < k:
+                ctx.align(k)
+                summary.ran.append(_round(k))
     summary.report, selection = ctx.finish()
     if selection.skill_kept is False:
         summary.skill_warning = selection.reason
     summary.elapsed_s = time.monotonic() - start
     return summary
+
+
+def _check_trainer_table(cfg: ProxyAlignConfig) -> None:
+    """[proxy_align.trainer] names fields of TRL's SFTConfig (warm-up) or DPOConfig (rounds)."""
+    if cfg.trainer:
+        from trl import DPOConfig, SFTConfig
+
+        check_trainer_settings(cfg.trainer, "proxy_align", (SFTConfig, DPOConfig), ALIGN_KEYS, ALIGN_OWNED)
 
 
 def _round(k: int) -> str:

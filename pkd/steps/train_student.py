@@ -22,6 +22,7 @@ from pkd.errors import ConfigError, ManifestError, PkdError
 from pkd.fingerprint import files_fingerprint, sha256_file
 from pkd.models.lora import new_adapter, sort_adapter_targets
 from pkd.models.resolve import resolve_model
+from pkd.models.trainer_args import STUDENT_KEYS, STUDENT_OWNED, build_args, check_trainer_settings, tracker_project, training_settings
 from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
 from pkd.store import Folder
 
@@ -75,7 +76,9 @@ def _resolve(cfg: TrainStudentConfig, run: RunConfig) -> tuple[str, Path, Path]:
 
 def _config_record(cfg: TrainStudentConfig, seed: int, world: int, streams: int, max_steps: int) -> dict[str, Any]:
     """What fixes the result: the section (minus paths) with its derived values filled in."""
-    rec = cfg.model_dump(exclude={"cache", "student", "out", "report_to"})
+    rec = cfg.model_dump(exclude={"cache", "student", "out", "report_to", "trainer"})
+    if settings := training_settings(cfg.trainer):  # absent when empty: records made before the table still match
+        rec["trainer"] = settings
     return rec | {"seed": seed, "processes": world, "data_streams": streams, "max_steps": max_steps}
 
 
@@ -116,6 +119,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     from pkd.student.trainer import KDSettings, ProxyKDTrainer
     from pkd.student.data import CacheStream, check_student_compatible, mean_weight
 
+    check_trainer_settings(cfg.trainer, "train_student", (TrainingArguments,), STUDENT_KEYS, STUDENT_OWNED)
     cache_uri, student, out = _resolve(cfg, run)
     folder, manifest = _open_cache(cache_uri)
     tokenizer = AutoTokenizer.from_pretrained(student)
@@ -125,7 +129,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     gpu = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu)
     seed = run.seed if cfg.seed is None else cfg.seed
-    args = TrainingArguments(
+    args = build_args(TrainingArguments, dict(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -148,7 +152,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         report_to=report_to(cfg.report_to, "[train_student] report_to"),  # tensorboard: checkpoints/runs/
         disable_tqdm=True,  # pkd draws its own bar; Trainer's log dictionaries go to the step's log
         ddp_find_unused_parameters=False,
-    )
+    ), cfg.trainer, "train_student")  # fmt: skip
     world, rank = args.world_size, args.process_index
     streams = cfg.data_streams or world * max(1, cfg.dataloader_workers)
     global_batch = cfg.per_device_batch_size * cfg.grad_accum * world
@@ -196,7 +200,8 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
     start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] if last else 0
     t0 = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=last)
+        with tracker_project(cfg.trainer.get("project")):
+            trainer.train(resume_from_checkpoint=last)
     except PkdError as e:
         raise _unwrapped(e) from None
     elapsed = time.perf_counter() - t0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,8 +50,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(cls=_Group, help="Inspect, verify, merge and share logit caches (local paths or fsspec URIs).", no_args_is_help=True)
 recipe_app = typer.Typer(cls=_Group, help="Show and check recipes (TOML configs, one table per step).", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-app.add_typer(recipe_app, name="recipe")
+app.add_typer(cache_app, name="cache", rich_help_panel="Share")
+app.add_typer(recipe_app, name="recipe", rich_help_panel="Recipes and demo")
 
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).", rich_help_panel="Recipe and console")]
@@ -60,6 +62,10 @@ TrainerArgOption = Annotated[list[str] | None, typer.Option("--trainer-arg", hel
 ), rich_help_panel="Trainer and tracking")]
 RunNameOption = Annotated[str | None, typer.Option(help="Run name in the trackers (wandb, trackio, mlflow, tensorboard).", rich_help_panel="Trainer and tracking")]
 ProjectOption = Annotated[str | None, typer.Option(help="Tracker project: wandb project, trackio project, mlflow experiment.", rich_help_panel="Trainer and tracking")]
+LicenseOption = Annotated[str | None, typer.Option(help=(
+    "Hub card: the license or terms of what is shared: a Hub license id (apache-2.0, cc-by-4.0, ...) or the text of an API "
+    "provider's terms (data made from a paid API carries them)."
+))]
 VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.", rich_help_panel="Recipe and console")]
 
 
@@ -86,7 +92,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
 # pkd teacher-sample -----------------------------------------------------------------------------
 
 
-@app.command("teacher-sample")
+@app.command("teacher-sample", rich_help_panel="Pipeline")
 def teacher_sample(
     prompts: Annotated[str | None, typer.Option(help="Prompt set: JSONL, Parquet, a saved HF dataset dir (path or fsspec URI), or a Hub dataset ORG/NAME.")] = None,
     prompts_split: Annotated[str | None, typer.Option(help="Split of a Hub dataset (default: train).", rich_help_panel="Prompts")] = None,
@@ -163,7 +169,7 @@ def teacher_sample(
 # pkd proxy-align -------------------------------------------------------------------------------
 
 
-@app.command("proxy-align")
+@app.command("proxy-align", rich_help_panel="Pipeline")
 def proxy_align(
     model: Annotated[str | None, typer.Option(help="Proxy base model: local HF directory or hub id.")] = None,
     teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
@@ -248,13 +254,13 @@ def proxy_align(
     if s.skill_warning:
         console.print(f"[yellow]warning: the aligned proxy lost task skill: {escape(s.skill_warning)}[/]", highlight=False)
     ran = ", ".join(s.ran) or "nothing (all stages were done)"
-    console.print(f"[green]aligned[/] {s.report['final']} (report.json, report.png beside it); ran {ran} in {s.elapsed_s:.1f} s")
+    console.print(f"[green]aligned[/] {s.report['final']} (report.json beside it); ran {ran} in {s.elapsed_s:.1f} s")
 
 
 # pkd cache-logits -------------------------------------------------------------------------------
 
 
-@app.command("cache-logits")
+@app.command("cache-logits", rich_help_panel="Pipeline")
 def cache_logits(
     proxy: Annotated[str | None, typer.Option(help="`pkd proxy-align` output: base + adapter from its manifest (default: <run.root>/<run.name>/proxy).")] = None,
     teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
@@ -334,7 +340,7 @@ def _print_proxy_stage(stage: dict[str, Any]) -> None:
 # pkd train-student ------------------------------------------------------------------------------
 
 
-@app.command("train-student")
+@app.command("train-student", rich_help_panel="Pipeline")
 def train_student(
     cache: Annotated[str | None, typer.Option(help="Logit cache folder or URI (default: <run.root>/<run.name>/logits).")] = None,
     student: Annotated[str | None, typer.Option(help="Student base model directory.")] = None,
@@ -382,7 +388,7 @@ def train_student(
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "train_student", flags)
     with step_console("train-student", r.train_student.out or r.run.artifact_dir("student"), verbose=verbose):
-        res = run_train_student(r.train_student, r.run, progress=True)
+        res = run_train_student(r.train_student, r.run, progress=True, command=shlex.join(["pkd", *sys.argv[1:]]))
     if os.environ.get("RANK", "0") != "0":
         return
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
@@ -392,7 +398,7 @@ def train_student(
 # pkd eval ---------------------------------------------------------------------------------------
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel="Pipeline")
 def evaluate(
     model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
     samples: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
@@ -402,6 +408,9 @@ def evaluate(
     tasks: Annotated[str | None, typer.Option(help="Standard benchmarks, comma-separated lm-eval task names (gsm8k,arc_easy,...): needs pkd[eval].")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="Benchmarks: few-shot examples (default: each task's own).", rich_help_panel="Benchmarks (lm-eval)")] = None,
     include_path: Annotated[str | None, typer.Option(help="Benchmarks: a folder of local lm-eval task YAML files.", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    apply_chat_template: Annotated[bool | None, typer.Option("--apply-chat-template/--no-chat-template", help="Benchmarks: prompts in the model's chat format (a student trained on chat-formatted data).", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    gen_kwargs: Annotated[str | None, typer.Option(help="Benchmarks: generation settings for generative tasks, lm-eval's 'temperature=0,max_gen_toks=256'.", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    log_samples: Annotated[bool | None, typer.Option("--log-samples", help="Benchmarks: every scored document (prompt, answer, score) to <--out>.samples.jsonl.", rich_help_panel="Benchmarks (lm-eval)")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples (and N documents per benchmark task).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per forward.", rich_help_panel="Teacher samples")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.", rich_help_panel="Teacher samples")] = None,
@@ -418,6 +427,7 @@ def evaluate(
 
     flags = dict(
         model=model, samples=samples, base=base, split=split, tasks=tasks, num_fewshot=num_fewshot, include_path=include_path, limit=limit,
+        apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs, log_samples=log_samples,
         batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "eval", flags)
@@ -444,7 +454,7 @@ def evaluate(
             t.add_column(col, justify="left" if col in ("task", "metric") else "right")
         for task, metrics in bench["tasks"].items():
             for key, value in metrics.items():
-                if "_stderr," in key:
+                if "," not in key or "_stderr," in key:  # metric,filter pairs only (sample_len is the docs count)
                     continue
                 stderr = metrics.get(key.replace(",", "_stderr,", 1))
                 t.add_row(task, key.split(",")[0], f"{value:.4f}", "-" if stderr is None else f"{stderr:.4f}", f"{bench['samples'].get(task, '-')}")
@@ -459,10 +469,77 @@ def _eval_log_base(out: str | None, model: str | None) -> str | None:
     return f"{model.rstrip('/')}.eval" if model else None
 
 
+# pkd push-model, pkd teacher-export ----------------------------------------------------------------
+
+
+def _print_plan(kind: str, target: Any, plan: list[Any], card: Path) -> None:
+    """A dry run's plan (one commit, its files) and the card it would publish."""
+    console.print(f"[bold]plan[/] one commit to {kind} {target.repo_id}{'@' + target.revision if target.revision else ''}: {len(plan)} files")
+    for u in plan:
+        console.print(f"  {escape(u.path_in_repo)}  <- {escape(str(u.source))}", highlight=False)
+    console.print(card.read_text(), markup=False, highlight=False)
+
+
+@app.command("push-model", rich_help_panel="Share")
+def push_model(
+    folder: Annotated[Path, typer.Argument(help="`pkd train-student` output folder (model/, report.json, manifest.json).")],
+    dst: Annotated[str, typer.Argument(help="Model repository: hf://ORG/NAME (optionally @BRANCH).")],
+    eval_reports: Annotated[list[Path] | None, typer.Option("--eval", help="`pkd eval --out` report(s) to show in the model card (repeatable).")] = None,
+    license: LicenseOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the model card and the commit's files; upload nothing.")] = False,
+) -> None:
+    """Upload a trained student (model or LoRA adapter) with its model card, in one commit."""
+    import tempfile
+
+    from pkd.cache.model_hub import push_model as run_push
+
+    with tempfile.TemporaryDirectory(prefix="pkd-card-") as tmp:
+        target, plan, url = run_push(folder, dst, Path(tmp), evals=eval_reports, license=license, dry_run=dry_run)
+        if dry_run:
+            _print_plan("model", target, plan, Path(tmp, "README.md"))
+            return
+    console.print(f"[green]pushed[/] {folder} -> {dst}: {len(plan)} files in one commit {url}")
+
+
+@app.command("teacher-export", rich_help_panel="Share")
+def teacher_export(
+    teacher: Annotated[str, typer.Argument(help="`pkd teacher-sample` output folder or URI.")],
+    dst: Annotated[str, typer.Argument(help="New local folder, or hf://datasets/ORG/NAME to push it in one commit.")],
+    split: Annotated[str | None, typer.Option(help="Only one of pkd's splits: warmup, align or distill (default: every sample).")] = None,
+    license: LicenseOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Hub: print the dataset card and the commit's files; upload nothing.")] = False,
+) -> None:
+    """Export the teacher's samples as a conversational dataset (`messages` with the assistant turn, as TRL reads it), with a card."""
+    import tempfile
+
+    from pkd.cache.hub import hub_commit, is_hub_dataset, parse_hub_uri
+    from pkd.store import Folder
+    from pkd.teacher.export import export_plan, export_samples
+
+    if not is_hub_dataset(dst):
+        if dry_run:
+            raise ConfigError("--dry-run plans a Hub push (hf://datasets/ORG/NAME); a local export just writes the folder")
+        out = Path(dst)
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out}: not empty; teacher-export writes a new folder")
+        rows, shards, model = export_samples(Folder(teacher), out, split=split, license=license)
+        console.print(f"[green]exported[/] {rows:,} samples of {model} -> {out} ({len(shards)} shards, {sum(p.stat().st_size for p in shards):,} bytes)")
+        return
+    target = parse_hub_uri(dst)
+    with tempfile.TemporaryDirectory(prefix="pkd-export-") as tmp:
+        rows, shards, model = export_samples(Folder(teacher), Path(tmp), split=split, license=license)
+        plan = export_plan(Path(tmp), shards, target)
+        if dry_run:
+            _print_plan("dataset", target, plan, Path(tmp, "README.md"))
+            return
+        url = hub_commit(dst, target, plan, "dataset", f"pkd teacher-export: {rows:,} responses of {model}")
+    console.print(f"[green]pushed[/] {rows:,} samples of {model} -> {dst}: {len(plan)} files in one commit {url}")
+
+
 # pkd demo ----------------------------------------------------------------------------------------
 
 
-@app.command("demo")
+@app.command("demo", rich_help_panel="Recipes and demo")
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller world and one seed: a ~3-minute smoke test.")] = False,
     real: Annotated[bool, typer.Option("--real", help="A real model instead of the toy world: SmolLM2-135M-Instruct as the teacher (recipes/smollm2.toml).")] = False,
@@ -585,6 +662,9 @@ def cache_push(
     src: CacheURI,
     dst: Annotated[str, typer.Argument(help="Destination folder or URI: s3://bucket/caches/run, or hf://datasets/ORG/NAME for the Hub.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Hub: write the dataset card and print the commit's files; upload nothing.")] = False,
+    license: LicenseOption = None,
+    proxy_name: Annotated[str | None, typer.Option(help="Hub: the proxy model's name for the card (the cache holds only its fingerprint).")] = None,
+    student_name: Annotated[str | None, typer.Option(help="Hub: the student model the cache was made for, for the card.")] = None,
 ) -> None:
     """Upload a complete cache, checking each file's sha256; manifest last (the Hub: one commit with a dataset card)."""
     from pkd.cache.hub import is_hub_dataset
@@ -600,14 +680,32 @@ def cache_push(
     from pkd.store import Folder
 
     with tempfile.TemporaryDirectory(prefix="pkd-card-") as tmp:
-        target, plan, url = push_to_hub(Folder(src), dst, Path(tmp), dry_run=dry_run)
+        target, plan, url = push_to_hub(Folder(src), dst, Path(tmp), dry_run=dry_run, license=license, proxy=proxy_name, student=student_name)
         if dry_run:
-            console.print(f"[bold]plan[/] one commit to dataset {target.repo_id}{'@' + target.revision if target.revision else ''}: {len(plan)} files")
-            for u in plan:
-                console.print(f"  {escape(u.path_in_repo)}  <- {escape(str(u.source))}", highlight=False)
-            console.print(Path(tmp, "README.md").read_text(), markup=False, highlight=False)
+            _print_plan("dataset", target, plan, Path(tmp, "README.md"))
             return
     console.print(f"[green]pushed[/] {src} -> {dst}: {len(plan)} files in one commit {url}")
+
+
+@cache_app.command("export")
+def cache_export(
+    src: CacheURI,
+    out: Annotated[str, typer.Argument(help="New folder or URI for the export (or an interrupted export of the same cache, to resume).")],
+    fmt: Annotated[str, typer.Option("--format", help="plain: per-position top-k ids/logprobs as pkd reads them; axolotl: the columns axolotl's KD plugin trains on.")] = "plain",
+) -> None:
+    """Decode a cache into plain Parquet any tool reads with `datasets` alone (no pkd), shard by shard, with a card."""
+    from pkd.cache.export import export_cache
+    from pkd.cache.ops import read_cache_manifest
+    from pkd.progress import StepProgress
+    from pkd.store import Folder
+
+    cache = Folder(src)
+    shards = len(read_cache_manifest(cache).files)
+    with StepProgress(shards, description="cache export", unit="shards") as bar:
+        s = export_cache(cache, Folder(out), fmt, on_shard=lambda done, rows: bar.update(done=done))  # type: ignore[arg-type]
+    resumed = f" ({s.shards - s.written} were already there)" if s.written < s.shards else ""
+    console.print(f"[green]exported[/] {src} -> {out} ({fmt}): {s.rows:,} rows in {s.shards} shards{resumed}")
+    console.print(f"  {s.export_bytes:,} bytes against the cache's {s.cache_bytes:,}: {s.export_bytes / max(s.cache_bytes, 1):.1f}x")
 
 
 @cache_app.command("pull")

@@ -182,6 +182,9 @@ class EvalConfig(Section):
     tasks: list[str] | None = None
     num_fewshot: int | None = Field(default=None, ge=0)  # default: each task's own
     include_path: str | None = None  # folder of lm-eval task YAML files
+    apply_chat_template: bool = False  # benchmarks: prompts in the model's chat format (a student trained on chats)
+    gen_kwargs: str | None = None  # benchmarks: lm-eval generation settings, "temperature=0,max_gen_toks=256"
+    log_samples: bool = False  # benchmarks: every scored document to <out>.samples.jsonl (needs out)
     out: str | None = None  # report JSON path (default: print only)
 
     split_tasks = field_validator("tasks", mode="before")(_names_list)

@@ -76,9 +76,26 @@ def upload_plan(src: Folder, manifest: LogitCacheManifest, card: Path, target: H
     return plan
 
 
-def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
-    """README.md for the dataset repository: YAML header (loadable config, tags) and a body that
-    describes the cache and how to use it."""
+def size_category(rows: int) -> str:
+    """The Hub's `size_categories` bucket for a row count."""
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")]
+    return next((name for limit, name in bounds if rows < limit), "100M<n<1B")
+
+
+def license_lines(license: str | None) -> list[str]:
+    """YAML header lines for a license: a Hub license id as is (apache-2.0, cc-by-4.0, ...), any
+    other text (an API's terms) as `other` with that name. Data made from a paid API carries the
+    provider's terms: the user states them, pkd cannot know them."""
+    if not license:
+        return []
+    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        return [f"license: {license}"]
+    return ["license: other", f"license_name: {json.dumps(license)}"]
+
+
+def dataset_card(manifest: LogitCacheManifest, target: HubTarget, *, license: str | None = None, proxy: str | None = None, student: str | None = None) -> str:
+    """README.md for the dataset repository: YAML header (loadable config, license, size, task,
+    tags) and a body that describes the cache, the models behind it and how to use it."""
     codec = codec_from_spec(manifest.codec)
     schema = logit_cache_schema(codec.columns())
     data = _join(target.path_in_repo, "data/*.parquet")
@@ -93,11 +110,19 @@ def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
         ("tokenizer fingerprint", f"`{manifest.tokenizer_fingerprint}`"),
         ("proxy fingerprint", f"`{manifest.proxy_fingerprint}`"),
         ("teacher model", manifest.teacher_model or "-"),
+        ("proxy model", proxy or "- (name not given: see the fingerprint)"),
+        ("student it was made for", student or "- (any model with the tokenizer above)"),
+        ("license / terms", license or "- (not stated: data made from an API carries its provider's terms)"),
         ("ℓ (mean response logprob) μ / γ", f"{seq.mu:.6g} / {seq.gamma:.6g} over {seq.count:,} samples" if seq else "-"),
         ("format", f"logit cache v{manifest.format_version}, written by pkd {manifest.pkd_version} on {manifest.created_at}"),
     ]
     lines = [
         "---",
+        *license_lines(license),
+        "size_categories:",
+        f"- {size_category(manifest.rows)}",
+        "task_categories:",
+        "- text-generation",
         "tags:",
         "- pkd",
         "- knowledge-distillation",
@@ -163,7 +188,9 @@ def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
     return "\n".join(lines)
 
 
-def push_to_hub(src: Folder, uri: str, workdir: Path, *, dry_run: bool = False, api: Any = None) -> tuple[HubTarget, list[Upload], str | None]:
+def push_to_hub(
+    src: Folder, uri: str, workdir: Path, *, dry_run: bool = False, api: Any = None, license: str | None = None, proxy: str | None = None, student: str | None = None,
+) -> tuple[HubTarget, list[Upload], str | None]:
     """Write the card under `workdir`, plan the upload, and (unless `dry_run`) create the dataset
     repository if needed and upload everything in one commit. Returns the target, the plan and
     the commit URL (None for a dry run)."""
@@ -172,25 +199,29 @@ def push_to_hub(src: Folder, uri: str, workdir: Path, *, dry_run: bool = False, 
     if not manifest.complete:
         raise IntegrityError(f"{src.uri}: cache is incomplete; only complete caches are shared")
     card = workdir / CARD
-    card.write_text(dataset_card(manifest, target), encoding="utf-8")
+    card.write_text(dataset_card(manifest, target, license=license, proxy=proxy, student=student), encoding="utf-8")
     plan = upload_plan(src, manifest, card, target)
     if dry_run:
         return target, plan, None
+    message = f"pkd cache push: {manifest.rows:,} rows, {len(manifest.files)} shards (k={manifest.codec.get('k')})"
+    return target, plan, hub_commit(uri, target, plan, "dataset", message, api)
+
+
+def hub_commit(uri: str, target: HubTarget, plan: list[Upload], repo_type: str, message: str, api: Any = None) -> str:
+    """Create the repository (and branch) if needed and upload `plan` in one commit: a reader
+    never sees half of it. Returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = api or HfApi()
     operations = [CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=str(u.source)) for u in plan]
     try:
-        api.create_repo(target.repo_id, repo_type="dataset", exist_ok=True)
+        api.create_repo(target.repo_id, repo_type=repo_type, exist_ok=True)
         if target.revision:
-            api.create_branch(target.repo_id, repo_type="dataset", branch=target.revision, exist_ok=True)
-        info = api.create_commit(
-            target.repo_id, operations, repo_type="dataset", revision=target.revision,
-            commit_message=f"pkd cache push: {manifest.rows:,} rows, {len(manifest.files)} shards (k={manifest.codec.get('k')})",
-        )  # fmt: skip
+            api.create_branch(target.repo_id, repo_type=repo_type, branch=target.revision, exist_ok=True)
+        info = api.create_commit(target.repo_id, operations, repo_type=repo_type, revision=target.revision, commit_message=message)
     except HfHubHTTPError as e:
         raise StorageError(f"{uri}: the Hub refused the upload ({str(e).splitlines()[0]}); check HF_TOKEN and your rights on {target.repo_id}") from None
     except Exception as e:  # noqa: BLE001 - offline, DNS, proxy (the hub's HTTP client's own types): a commit is all or nothing
         raise StorageError(f"{uri}: the upload failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); nothing was committed, rerun when the Hub is reachable") from None
-    return target, plan, info.commit_url
+    return info.commit_url

@@ -400,8 +400,10 @@ class _Context:
         report = self.report(stages, selection)
         scratch = out.scratch("report")
         moves["report.json"] = _write_json(scratch / "report.json", report)
-        plot(report, scratch / "report.png")
-        moves["report.png"] = scratch / "report.png"
+        if plot(report, scratch / "report.png"):
+            moves["report.png"] = scratch / "report.png"
+        else:
+            self.say("report.png not drawn: matplotlib is not installed (pip install 'pkd[plots]')")
         out.commit(moves, complete=True, selected=selection.index)
         for name in ("trainer", "report", "merged", final):
             shutil.rmtree(out.root / f"{TMP}{name}", ignore_errors=True)

@@ -108,9 +108,9 @@ def _record_run(out: Path, record: dict[str, Any]) -> None:
         raise StorageError(f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
 
 
-def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None, progress: bool = False) -> StudentResult:
+def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None, progress: bool = False, command: str | None = None) -> StudentResult:
     """Train (or resume, or find already done) the student described by `cfg`; `progress` draws
-    pkd's bar on the terminal."""
+    pkd's bar on the terminal; `command` (the command line that ran it) goes into the model card."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -214,7 +214,7 @@ def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | 
         trainer.save_model(str(out / "model"))
         if trainer.is_world_process_zero():
             sort_adapter_targets(out / "model")
-            _write_outputs(out, result, state.log_history, inputs, record, manifest)
+            _write_outputs(out, result, state.log_history, inputs, record, manifest, {"student": cfg.student, "command": command})
     return result
 
 
@@ -251,18 +251,23 @@ def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool, seed:
     return model
 
 
-def _write_outputs(out: Path, result: StudentResult, history: list[dict], inputs: dict[str, str], record: dict[str, Any], cache: LogitCacheManifest) -> None:
+def _write_outputs(out: Path, result: StudentResult, history: list[dict], inputs: dict[str, str], record: dict[str, Any], cache: LogitCacheManifest, about: dict[str, Any]) -> None:
+    """report.json, the model card (README.md) and the manifest listing them with the model."""
+    from pkd.student.card import write_card
+
     report = {
         "steps": result.steps,
         "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s,
         "final": result.final,
-        "cache": {"rows": cache.rows, "tokens": cache.tokens, "k": cache.codec.get("k"), "teacher": cache.teacher_model},
+        "cache": {"rows": cache.rows, "tokens": cache.tokens, "k": cache.codec.get("k"), "teacher": cache.teacher_model, "proxy": cache.proxy_fingerprint},
         "config": record,
+        "inputs": inputs,
+        **about,
         "log_history": history,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    files = sorted(p for p in (out / "model").rglob("*") if p.is_file()) + [out / "report.json"]
+    files = sorted(p for p in (out / "model").rglob("*") if p.is_file()) + [out / "report.json", write_card(out)]
     entries = [FileEntry(path=p.relative_to(out).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size, rows=0) for p in files]
     manifest = Manifest(kind="student", complete=True, inputs=inputs, config=record, counts={"steps": result.steps, "tokens": result.tokens}, files=entries)
     Folder(str(out)).write_manifest(manifest)

@@ -143,9 +143,10 @@ def run_demo(
 
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands, diagnostics=diagnostics)
     results["cache_bytes_per_token"] = {kind: statistics.fmean(_bytes_per_token(c) for c in {paths.cache(kind, s) for s in seeds}) for kind in CACHE_DIRS}
-    results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
+    results["files"] = {"results": str(paths.results), "run": str(paths.run)}
+    if write_chart(results, paths.chart):  # without matplotlib (the `plots` extra) there is no chart
+        results["files"]["chart"] = str(paths.chart)
     write_results(results, paths.results)
-    write_chart(results, paths.chart)
     return results
 
 

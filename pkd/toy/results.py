@@ -191,9 +191,13 @@ def _diagnostics_table(diag: dict[str, Any], seeds: int) -> Any:
     return t
 
 
-def write_chart(results: dict[str, Any], path: Path) -> None:
-    """Bars with 95% CI error bars: exact match and NLL per variant; proxy agreement before/after."""
-    import matplotlib
+def write_chart(results: dict[str, Any], path: Path) -> bool:
+    """Bars with 95% CI error bars: exact match and NLL per variant; proxy agreement before/after.
+    False (nothing drawn) without matplotlib, the `plots` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -230,3 +234,4 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -104,7 +104,7 @@ class StepProgress:
 
     def _stats(self, rate: str, rps: float, tps: float, failures: int) -> str:
         """The second line: units/s, tokens/s and, for request-driven steps, requests/s and failures."""
-        line = f"{self._unit} {rate}/s · {tps:,.0f} tok/s"
+        line = f"{self._unit} {rate}/s" + (f" · {tps:,.0f} tok/s" if self._tokens else "")
         if self._requests_shown:
             line += f" · {rps:.1f} req/s · [red]{failures} failed[/]"
         return line

@@ -491,7 +491,7 @@ def push_model(
     """Upload a trained student (model or LoRA adapter) with its model card, in one commit."""
     import tempfile
 
-    from pkd.cache.model_hub import push_model as run_push
+    from pkd.student.hub import push_model as run_push
 
     with tempfile.TemporaryDirectory(prefix="pkd-card-") as tmp:
         target, plan, url = run_push(folder, dst, Path(tmp), evals=eval_reports, license=license, dry_run=dry_run)
@@ -512,7 +512,8 @@ def teacher_export(
     """Export the teacher's samples as a conversational dataset (`messages` with the assistant turn, as TRL reads it), with a card."""
     import tempfile
 
-    from pkd.cache.hub import hub_commit, is_hub_dataset, parse_hub_uri
+    from pkd.cache.hub import is_hub_dataset, parse_hub_uri
+    from pkd.hub import hub_commit
     from pkd.store import Folder
     from pkd.teacher.export import export_plan, export_samples
 

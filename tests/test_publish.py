@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pkd.cache.hub import dataset_card, parse_hub_uri
-from pkd.cache.model_hub import parse_model_uri, push_model
+from pkd.student.hub import parse_model_uri, push_model
 from pkd.cache.ops import read_cache_manifest
 from pkd.cli import app
 from pkd.config import RunConfig, TrainStudentConfig

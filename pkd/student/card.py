@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pkd.cache.hub import license_lines
+from pkd.hub import license_lines
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -5,7 +5,7 @@ answer as the assistant turn) for TRL's SFTTrainer, and the same split as `promp
 
 Streams the teacher folder's shards (one output shard per input shard); OUT is a local folder,
 or hf://datasets/ORG/NAME: then the folder is made in a temporary place and pushed in one commit
-(pkd.cache.hub.hub_commit).
+(pkd.hub.hub_commit).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pkd.cache.hub import CARD, HubTarget, Upload, license_lines, size_category
+from pkd.hub import CARD, HubTarget, Upload, license_lines, size_category
 from pkd.errors import ConfigError
 from pkd.store import Folder
 from pkd.teacher.samples import iter_teacher_samples, open_teacher_samples

@@ -1,5 +1,5 @@
 """`pkd push-model DIR hf://ORG/NAME`: a trained student to a Hub model repository, in one commit
-as `pkd cache push` does (pkd.cache.hub.hub_commit), with its model card.
+as `pkd cache push` does (pkd.hub.hub_commit), with its model card.
 
 The repository gets the model (or LoRA adapter) files at its root, where `from_pretrained` and
 PEFT look, each checked against the student folder's manifest first (nothing unverified is
@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pkd.cache.hub import CARD, HubTarget, Upload, hub_commit
+from pkd.hub import CARD, HubTarget, Upload, hub_commit
 from pkd.errors import ConfigError, InputError, IntegrityError
 from pkd.store import Folder
 

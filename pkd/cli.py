@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -51,51 +53,74 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(cls=_Group, help="Inspect, verify, merge and share logit caches (local paths or fsspec URIs).", no_args_is_help=True)
 recipe_app = typer.Typer(cls=_Group, help="Show and check recipes (TOML configs, one table per step).", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-app.add_typer(recipe_app, name="recipe")
+app.add_typer(cache_app, name="cache", rich_help_panel="Share")
+app.add_typer(recipe_app, name="recipe", rich_help_panel="Recipes and demo")
 
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", help="Recipe TOML (default: the embedded toy recipe).")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override any recipe value: SECTION.KEY=VALUE (repeatable).", rich_help_panel="Recipe and console")]
 CacheURI = Annotated[str, typer.Argument(help="Cache folder: a local path or an fsspec URI (s3://, hf://, memory://, ...).")]
-VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.")]
+TrainerArgOption = Annotated[list[str] | None, typer.Option("--trainer-arg", help=(
+    "Any other Trainer setting, KEY=VALUE (repeatable): a TrainingArguments field (train-student) or SFTConfig/DPOConfig "
+    "field (proxy-align), e.g. optim=adamw_torch_fused, torch_compile=true, deepspeed=ds.json."
+), rich_help_panel="Trainer and tracking")]
+RunNameOption = Annotated[str | None, typer.Option(help="Run name in the trackers (wandb, trackio, mlflow, tensorboard).", rich_help_panel="Trainer and tracking")]
+ProjectOption = Annotated[str | None, typer.Option(help="Tracker project: wandb project, trackio project, mlflow experiment.", rich_help_panel="Trainer and tracking")]
+LicenseOption = Annotated[str | None, typer.Option(help=(
+    "Hub card: the license or terms of what is shared: a Hub license id (apache-2.0, cc-by-4.0, ...) or the text of an API "
+    "provider's terms (data made from a paid API carries them)."
+))]
+VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Show the libraries' output (transformers, TRL, vLLM, warnings) too, not only in the step's log file.", rich_help_panel="Recipe and console")]
+
+
+def _trainer_table(trainer_arg: list[str] | None, run_name: str | None, project: str | None) -> dict[str, Any] | None:
+    """`--trainer-arg`, `--run-name` and `--project` as keys of the step's `trainer` table."""
+    from pkd.config import key_values
+
+    table = (key_values(trainer_arg, "--trainer-arg") or {}) | {k: v for k, v in (("run_name", run_name), ("project", project)) if v is not None}
+    return table or None
+
+
+def _print_version(value: bool) -> None:
+    """Eager: runs while the options are parsed, before click asks for a command."""
+    if value:
+        console.print(f"pkd {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
-    if version:
-        console.print(f"pkd {__version__}")
-        raise typer.Exit()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Root options (the app's help text says what pkd does)."""
 
 
 # pkd teacher-sample -----------------------------------------------------------------------------
 
 
-@app.command("teacher-sample")
+@app.command("teacher-sample", rich_help_panel="Pipeline")
 def teacher_sample(
     prompts: Annotated[str | None, typer.Option(help="Prompt set: JSONL, Parquet, a saved HF dataset dir (path or fsspec URI), or a Hub dataset ORG/NAME.")] = None,
-    prompts_split: Annotated[str | None, typer.Option(help="Split of a Hub dataset (default: train).")] = None,
-    prompts_field: Annotated[list[str] | None, typer.Option(help="Map a pkd field to a column: prompt=question, reference=answer, id=..., messages=... (repeatable).")] = None,
+    prompts_split: Annotated[str | None, typer.Option(help="Split of a Hub dataset (default: train).", rich_help_panel="Prompts")] = None,
+    prompts_field: Annotated[list[str] | None, typer.Option(help="Map a pkd field to a column: prompt=question, reference=answer, id=..., messages=... (repeatable).", rich_help_panel="Prompts")] = None,
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Output folder or URI (default: <run.root>/<run.name>/teacher).")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible API root, e.g. https://api.openai.com/v1.")] = None,
     model: Annotated[str | None, typer.Option(help="Teacher model name at that endpoint.")] = None,
     api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key (unset: no auth, for local servers).")] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System message for prompts that have none.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System message for prompts that have none.", rich_help_panel="Prompts")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Samples per prompt.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.", rich_help_panel="Sampling")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Response length cap in tokens.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed: each request carries one derived from it and the prompt id (independent draws across prompts, the same ones on a rerun).")] = None,
-    top_logprobs: Annotated[int | None, typer.Option(help="Also store the teacher's top-K logprobs per token (K <= 20), where the API offers them.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
-    request_timeout: Annotated[float | None, typer.Option(help="Seconds before one request is abandoned (then retried).")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="Retries per request for transient errors (429, 5xx, timeouts, ...).")] = None,
-    max_failures: Annotated[int | None, typer.Option(help="Prompts allowed to fail for good before the run stops.")] = None,
-    retry_failed: Annotated[bool | None, typer.Option("--retry-failed", help="Request again the prompts that failed for a transient reason (5xx, timeout, malformed reply, ...).")] = None,
-    retry_after_max: Annotated[float | None, typer.Option(help="Longest wait, in seconds, a Retry-After header may ask for.")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet shard.")] = None,
-    commit_interval: Annotated[float | None, typer.Option(help="Commit answers at least every N seconds (a crash loses at most that much).")] = None,
-    keep_truncated: Annotated[bool | None, typer.Option("--keep-truncated/--drop-truncated", help="Keep responses cut at --max-tokens.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: each request carries one derived from it and the prompt id (independent draws across prompts, the same ones on a rerun).", rich_help_panel="Sampling")] = None,
+    top_logprobs: Annotated[int | None, typer.Option(help="Also store the teacher's top-K logprobs per token (K <= 20), where the API offers them.", rich_help_panel="Sampling")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.", rich_help_panel="Requests and resuming")] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds before one request is abandoned (then retried).", rich_help_panel="Requests and resuming")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries per request for transient errors (429, 5xx, timeouts, ...).", rich_help_panel="Requests and resuming")] = None,
+    max_failures: Annotated[int | None, typer.Option(help="Prompts allowed to fail for good before the run stops.", rich_help_panel="Requests and resuming")] = None,
+    retry_failed: Annotated[bool | None, typer.Option("--retry-failed", help="Request again the prompts that failed for a transient reason (5xx, timeout, malformed reply, ...).", rich_help_panel="Requests and resuming")] = None,
+    retry_after_max: Annotated[float | None, typer.Option(help="Longest wait, in seconds, a Retry-After header may ask for.", rich_help_panel="Requests and resuming")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet shard.", rich_help_panel="Requests and resuming")] = None,
+    commit_interval: Annotated[float | None, typer.Option(help="Commit answers at least every N seconds (a crash loses at most that much).", rich_help_panel="Requests and resuming")] = None,
+    keep_truncated: Annotated[bool | None, typer.Option("--keep-truncated/--drop-truncated", help="Keep responses cut at --max-tokens.", rich_help_panel="Sampling")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, count prompts and requests, estimate the cost, print the plan; send nothing.")] = False,
     batch: Annotated[bool | None, typer.Option("--batch", help="Send the requests through the Batch API (about half price, answers within --completion-window); rerun to collect.")] = None,
@@ -177,58 +202,61 @@ def teacher_sample(
 # pkd proxy-align -------------------------------------------------------------------------------
 
 
-@app.command("proxy-align")
+@app.command("proxy-align", rich_help_panel="Pipeline")
 def proxy_align(
     model: Annotated[str | None, typer.Option(help="Proxy base model: local HF directory or hub id.")] = None,
     teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/proxy).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student model, only to check the vocabularies match (default: [train_student] student).")] = None,
-    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (one vLLM serves: 1, 8, 16, 32, 64, 128, 256, 320, 512).")] = None,
-    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha.")] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.")] = None,
-    lora_target: Annotated[str | None, typer.Option(help="LoRA target modules: 'all-linear' or comma-separated names.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate (warm-up and rounds).")] = None,
-    lr_scheduler: Annotated[str | None, typer.Option(help="transformers scheduler name, e.g. constant, cosine.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples (pairs) per device per micro-batch.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of warm-up SFT on D_w (0: skip).")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Epochs over each round's pairs.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens kept per sample.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model, only to check the vocabularies match (default: [train_student] student).", rich_help_panel="Output and tracking")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.", rich_help_panel="LoRA")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (one vLLM serves: 1, 8, 16, 32, 64, 128, 256, 320, 512).", rich_help_panel="LoRA")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha.", rich_help_panel="LoRA")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout.", rich_help_panel="LoRA")] = None,
+    lora_target: Annotated[str | None, typer.Option(help="LoRA target modules: 'all-linear' or comma-separated names.", rich_help_panel="LoRA")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Learning rate (warm-up and rounds).", rich_help_panel="Training")] = None,
+    lr_scheduler: Annotated[str | None, typer.Option(help="transformers scheduler name, e.g. constant, cosine.", rich_help_panel="Training")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples (pairs) per device per micro-batch.", rich_help_panel="Training")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel="Training")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Epochs of warm-up SFT on D_w (0: skip).", rich_help_panel="Training")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs over each round's pairs.", rich_help_panel="Training")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens kept per sample.", rich_help_panel="Training")] = None,
     rounds: Annotated[int | None, typer.Option(help="Alignment rounds K (0: warm-up only).")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="D_p prompts per round (default: D_p / rounds).")] = None,
-    beta: Annotated[float | None, typer.Option(help="DPO β.")] = None,
-    engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where a round generates faster).")] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO β.", rich_help_panel="Training")] = None,
+    engine: Annotated[str | None, typer.Option(help="Proxy sampling engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where a round generates faster).", rich_help_panel="Sampling")] = None,
     sample_merged: Annotated[str | None, typer.Option(help=(
         "vLLM + LoRA: sample each round from base + adapter merged into one model in the round's work folder (auto, always, never). "
         "auto merges where vLLM runs on the CPU, where its LoRA path is the slow part; on a GPU it keeps the adapter, since a "
         "big proxy's merge costs minutes and its size in disk every round."
-    ))] = None,
-    temperature: Annotated[float | None, typer.Option(help="Proxy sampling temperature.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Proxy nucleus sampling mass.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Proxy response length cap in tokens.")] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM may take while it samples.")] = None,
-    eval_samples: Annotated[int | None, typer.Option(help="Held-out teacher samples (from D_s) every stage is measured on.")] = None,
+    ), rich_help_panel="Sampling")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Proxy sampling temperature.", rich_help_panel="Sampling")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Proxy nucleus sampling mass.", rich_help_panel="Sampling")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Proxy response length cap in tokens.", rich_help_panel="Sampling")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM may take while it samples.", rich_help_panel="Sampling")] = None,
+    eval_samples: Annotated[int | None, typer.Option(help="Held-out teacher samples (from D_s) every stage is measured on.", rich_help_panel="Held-out measures and selection")] = None,
     answer_pattern: Annotated[str | None, typer.Option(help=(
         "Skill = greedy exact match against the prompts' `reference`: compare the last match of this regex (group 1 if any) "
         "instead of the whole answer, e.g. '#### (\\S+)' for GSM8K."
-    ))] = None,
-    eval_tasks: Annotated[str | None, typer.Option(help="lm-eval tasks measured after every stage too, comma-separated (pip install 'pkd[eval]').")] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="--eval-tasks: first N documents per task.")] = None,
+    ), rich_help_panel="Held-out measures and selection")] = None,
+    eval_tasks: Annotated[str | None, typer.Option(help="lm-eval tasks measured after every stage too, comma-separated (pip install 'pkd[eval]').", rich_help_panel="Held-out measures and selection")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="--eval-tasks: first N documents per task.", rich_help_panel="Held-out measures and selection")] = None,
     select: Annotated[str | None, typer.Option(help=(
         "Which stage is the output proxy: best (lowest held-out teacher NLL among the stages whose skill stays within "
         "--max-skill-drop of the base proxy's) or last (the last round, as in the paper)."
-    ))] = None,
-    max_skill_drop: Annotated[float | None, typer.Option(help="--select best: skill points (exact match %, or mean lm-eval score %) a stage may lose against the base proxy.")] = None,
-    nll_weight: Annotated[float | None, typer.Option(help="Weight of NLL(teacher response) beside the DPO term in each round (1: the paper's sum).")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
-    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
-    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).")] = None,
-    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    ), rich_help_panel="Held-out measures and selection")] = None,
+    max_skill_drop: Annotated[float | None, typer.Option(help="--select best: skill points (exact match %, or mean lm-eval score %) a stage may lose against the base proxy.", rich_help_panel="Held-out measures and selection")] = None,
+    nll_weight: Annotated[float | None, typer.Option(help="Weight of NLL(teacher response) beside the DPO term in each round (1: the paper's sum).", rich_help_panel="Training")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", rich_help_panel="Training")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.", rich_help_panel="Training")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.", rich_help_panel="Output and tracking")] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also write base + adapter merged into one model.", rich_help_panel="Output and tracking")] = None,
+    seed: Annotated[int | None, typer.Option(help="Order, sampling and training seed (default: run.seed).", rich_help_panel="Training")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Trainer and tracking")] = None,
+    run_name: RunNameOption = None,
+    project: ProjectOption = None,
+    trainer_arg: TrainerArgOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.", rich_help_panel="Output and tracking")] = False,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -245,7 +273,7 @@ def proxy_align(
         max_new_tokens=max_new_tokens, gpu_memory_utilization=gpu_memory_utilization, eval_samples=eval_samples,
         answer_pattern=answer_pattern, eval_tasks=eval_tasks, eval_limit=eval_limit, select=select, max_skill_drop=max_skill_drop,
         nll_weight=nll_weight, precision=precision, gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps, merge=merge, seed=seed,
-        report_to=report_to,
+        report_to=report_to, trainer=_trainer_table(trainer_arg, run_name, project),
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "proxy_align", flags)
     with step_console("proxy-align", r.proxy_align.out or r.run.artifact_dir("proxy"), verbose=verbose):
@@ -259,46 +287,46 @@ def proxy_align(
     if s.skill_warning:
         console.print(f"[yellow]warning: the aligned proxy lost task skill: {escape(s.skill_warning)}[/]", highlight=False)
     ran = ", ".join(s.ran) or "nothing (all stages were done)"
-    console.print(f"[green]aligned[/] {s.report['final']} (report.json, report.png beside it); ran {ran} in {s.elapsed_s:.1f} s")
+    console.print(f"[green]aligned[/] {s.report['final']} (report.json beside it); ran {ran} in {s.elapsed_s:.1f} s")
 
 
 # pkd cache-logits -------------------------------------------------------------------------------
 
 
-@app.command("cache-logits")
+@app.command("cache-logits", rich_help_panel="Pipeline")
 def cache_logits(
     proxy: Annotated[str | None, typer.Option(help="`pkd proxy-align` output: base + adapter from its manifest (default: <run.root>/<run.name>/proxy).")] = None,
     teacher: Annotated[str | None, typer.Option(help="`pkd teacher-sample` output (default: <run.root>/<run.name>/teacher).")] = None,
     recipe: RecipeOption = None,
-    model: Annotated[str | None, typer.Option(help="Proxy base or merged model directory (instead of, or overriding the base of, --proxy).")] = None,
-    adapter: Annotated[str | None, typer.Option(help="LoRA adapter directory to score with (its base: --model or the adapter's record).")] = None,
-    no_adapter: Annotated[bool | None, typer.Option("--no-adapter", help="Score with the base model alone (the unaligned-proxy ablation).")] = None,
-    student: Annotated[str | None, typer.Option(help="Student model directory: refuse to start if the cache would not fit its tokenizer/vocab.")] = None,
+    model: Annotated[str | None, typer.Option(help="Proxy base or merged model directory (instead of, or overriding the base of, --proxy).", rich_help_panel="Which proxy")] = None,
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter directory to score with (its base: --model or the adapter's record).", rich_help_panel="Which proxy")] = None,
+    no_adapter: Annotated[bool | None, typer.Option("--no-adapter", help="Score with the base model alone (the unaligned-proxy ablation).", rich_help_panel="Which proxy")] = None,
+    student: Annotated[str | None, typer.Option(help="Student model directory: refuse to start if the cache would not fit its tokenizer/vocab.", rich_help_panel="Which proxy")] = None,
     out: Annotated[str | None, typer.Option(help="Cache folder or URI (default: <run.root>/<run.name>/logits, or logits-parts/I-of-N with --part).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split to score: distill (D_s, the default), align or warmup.")] = None,
-    k: Annotated[int | None, typer.Option("--k", help="Top-k ids/logprobs kept per response position.")] = None,
-    sampled: Annotated[int | None, typer.Option("--sampled", help="Instead of the top-k: N draws per position from the proxy's full distribution (RS-KD; transformers engine).")] = None,
-    proposal_temperature: Annotated[float | None, typer.Option(help="--sampled: temperature of the distribution drawn from (≠ 1: the loss importance-weights the draws).")] = None,
-    max_logprobs: Annotated[int | None, typer.Option(help="Largest k the engine accepts (vLLM's max_logprobs, default 20).")] = None,
-    engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where it scores faster).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.")] = None,
-    overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.")] = None,
-    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`. auto: from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.")] = None,
-    parts: Annotated[int | None, typer.Option(help="Launch N parts (--launcher), retry the failed ones, and merge them into --out.")] = None,
-    launcher: Annotated[str | None, typer.Option(help="Where --parts run: local (processes here, one per GPU), slurm (a job array through submitit) or ray (Ray tasks).")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="--parts: resubmissions of a failed part before the launch fails.")] = None,
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="--parts on slurm: submit and exit; the same command later watches the recorded jobs and merges.")] = False,
-    partition: Annotated[str | None, typer.Option(help="slurm: partition.")] = None,
-    time_limit: Annotated[str | None, typer.Option("--time", help="slurm: time limit per part (MIN, HH:MM:SS or D-HH:MM:SS).")] = None,
-    account: Annotated[str | None, typer.Option(help="slurm: account.")] = None,
-    constraint: Annotated[str | None, typer.Option(help="slurm: node constraint, e.g. 'a100|h100'.")] = None,
-    sbatch: Annotated[list[str] | None, typer.Option(help="slurm: extra sbatch setting KEY=VALUE, e.g. qos=high (repeatable).")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="ray: cluster address (auto: the running cluster; local: start one here).")] = None,
-    shard_rows: Annotated[int | None, typer.Option(help="Samples per committed shard (the unit of resumption).")] = None,
-    batch_tokens: Annotated[int | None, typer.Option(help="Transformers engine: padded tokens per forward.")] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.")] = None,
-    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score: distill (D_s, the default), align or warmup.", rich_help_panel="What is kept")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Top-k ids/logprobs kept per response position.", rich_help_panel="What is kept")] = None,
+    sampled: Annotated[int | None, typer.Option("--sampled", help="Instead of the top-k: N draws per position from the proxy's full distribution (RS-KD; transformers engine).", rich_help_panel="What is kept")] = None,
+    proposal_temperature: Annotated[float | None, typer.Option(help="--sampled: temperature of the distribution drawn from (≠ 1: the loss importance-weights the draws).", rich_help_panel="What is kept")] = None,
+    max_logprobs: Annotated[int | None, typer.Option(help="Largest k the engine accepts (vLLM's max_logprobs, default 20).", rich_help_panel="What is kept")] = None,
+    engine: Annotated[str | None, typer.Option(help="Scoring engine: vllm, hf or auto (vLLM on a GPU, transformers on a CPU, where it scores faster).", rich_help_panel="Engine and parts")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.", rich_help_panel="Engine and parts")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.", rich_help_panel="What is kept")] = None,
+    overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.", rich_help_panel="What is kept")] = None,
+    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`. auto: from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.", rich_help_panel="Engine and parts")] = None,
+    parts: Annotated[int | None, typer.Option(help="Launch N parts (--launcher), retry the failed ones, and merge them into --out.", rich_help_panel="On a cluster")] = None,
+    launcher: Annotated[str | None, typer.Option(help="Where --parts run: local (processes here, one per GPU), slurm (a job array through submitit) or ray (Ray tasks).", rich_help_panel="On a cluster")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="--parts: resubmissions of a failed part before the launch fails.", rich_help_panel="On a cluster")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="--parts on slurm: submit and exit; the same command later watches the recorded jobs and merges.", rich_help_panel="On a cluster")] = False,
+    partition: Annotated[str | None, typer.Option(help="slurm: partition.", rich_help_panel="On a cluster")] = None,
+    time_limit: Annotated[str | None, typer.Option("--time", help="slurm: time limit per part (MIN, HH:MM:SS or D-HH:MM:SS).", rich_help_panel="On a cluster")] = None,
+    account: Annotated[str | None, typer.Option(help="slurm: account.", rich_help_panel="On a cluster")] = None,
+    constraint: Annotated[str | None, typer.Option(help="slurm: node constraint, e.g. 'a100|h100'.", rich_help_panel="On a cluster")] = None,
+    sbatch: Annotated[list[str] | None, typer.Option(help="slurm: extra sbatch setting KEY=VALUE, e.g. qos=high (repeatable).", rich_help_panel="On a cluster")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="ray: cluster address (auto: the running cluster; local: start one here).", rich_help_panel="On a cluster")] = None,
+    shard_rows: Annotated[int | None, typer.Option(help="Samples per committed shard (the unit of resumption).", rich_help_panel="Engine and parts")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Transformers engine: padded tokens per forward.", rich_help_panel="Engine and parts")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.", rich_help_panel="Engine and parts")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.", rich_help_panel="Engine and parts")] = None,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -399,35 +427,38 @@ def _print_proxy_stage(stage: dict[str, Any]) -> None:
 # pkd train-student ------------------------------------------------------------------------------
 
 
-@app.command("train-student")
+@app.command("train-student", rich_help_panel="Pipeline")
 def train_student(
     cache: Annotated[str | None, typer.Option(help="Logit cache folder or URI (default: <run.root>/<run.name>/logits).")] = None,
     student: Annotated[str | None, typer.Option(help="Student base model directory.")] = None,
     recipe: RecipeOption = None,
     out: Annotated[str | None, typer.Option(help="Local output folder (default: <run.root>/<run.name>/student).")] = None,
     alpha: Annotated[float | None, typer.Option(help="KD strength α; 0 = plain SFT on the teacher's tokens.")] = None,
-    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket on both sides) or 'renorm' (the proxy's top-k renormalised, against the student's full-vocabulary log-probs).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).")] = None,
-    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="Every w = the cache's mean σ((ℓ − μ)/γ) instead of its own: same α·E(w), no spread.")] = None,
+    tail: Annotated[str | None, typer.Option(help="Mass outside the cached top-k: 'tail' (a rest bucket on both sides) or 'renorm' (the proxy's top-k renormalised, against the student's full-vocabulary log-probs).", rich_help_panel="Loss")] = None,
+    temperature: Annotated[float | None, typer.Option(help="KD temperature τ (loss scaled by τ²).", rich_help_panel="Loss")] = None,
+    uniform_weights: Annotated[bool | None, typer.Option("--uniform-weights/--proxy-weights", help="Every w = the cache's mean σ((ℓ − μ)/γ) instead of its own: same α·E(w), no spread.", rich_help_panel="Loss")] = None,
     weight_ce: Annotated[bool | None, typer.Option("--weight-ce/--no-weight-ce", help=(
         "Weight the CE term by the sample weight too, as w / w̄ (w̄: the cache's token-weighted mean w, so CE keeps its scale "
         "on average): a wrong teacher response is then learnt less through CE as well as KD. Beyond the paper (off: its loss)."
-    ))] = None,
-    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.")] = None,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
-    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per device per micro-batch.")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the cache (sets max_steps unless given).")] = None,
+    ), rich_help_panel="Loss")] = None,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="Train a LoRA adapter or all weights.", rich_help_panel="Training")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank.", rich_help_panel="Training")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.", rich_help_panel="Training")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per device per micro-batch.", rich_help_panel="Training")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.", rich_help_panel="Training")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the cache (sets max_steps unless given).", rich_help_panel="Training")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = None,
-    data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.")] = None,
-    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).")] = None,
-    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.", rich_help_panel="Training")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", rich_help_panel="Training")] = None,
+    data_streams: Annotated[int | None, typer.Option(help="Fixed number of data streams (a multiple of the process count); keep it to resume on another world size.", rich_help_panel="Training")] = None,
+    workers: Annotated[int | None, typer.Option(help="Dataloader worker processes per rank.", rich_help_panel="Training")] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps.", rich_help_panel="Checkpoints")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps.", rich_help_panel="Checkpoints")] = None,
+    seed: Annotated[int | None, typer.Option(help="Data order and initialisation seed (default: run.seed).", rich_help_panel="Training")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Trackers, comma-separated: none, tensorboard, wandb, mlflow, trackio, ... (default: tensorboard if installed).", rich_help_panel="Trainer and tracking")] = None,
+    run_name: RunNameOption = None,
+    project: ProjectOption = None,
+    trainer_arg: TrainerArgOption = None,
     assign: SetOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -440,10 +471,11 @@ def train_student(
         lora=lora, lora_r=lora_r, learning_rate=learning_rate, per_device_batch_size=batch_size, grad_accum=grad_accum,
         epochs=epochs, max_steps=max_steps, max_length=max_length, precision=precision, data_streams=data_streams,
         dataloader_workers=workers, save_steps=save_steps, logging_steps=logging_steps, seed=seed, report_to=report_to,
+        trainer=_trainer_table(trainer_arg, run_name, project),
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "train_student", flags)
     with step_console("train-student", r.train_student.out or r.run.artifact_dir("student"), verbose=verbose):
-        res = run_train_student(r.train_student, r.run, progress=True)
+        res = run_train_student(r.train_student, r.run, progress=True, command=shlex.join(["pkd", *sys.argv[1:]]))
     if os.environ.get("RANK", "0") != "0":
         return
     final = ", ".join(f"{k} {v:.4f}" for k, v in res.final.items())
@@ -455,21 +487,24 @@ def train_student(
 # pkd eval ---------------------------------------------------------------------------------------
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel="Pipeline")
 def evaluate(
     model: Annotated[str | None, typer.Option(help="Model directory: base, merged, or a LoRA adapter.")] = None,
     samples: Annotated[str | None, typer.Option(help="Held-out `pkd teacher-sample` output to score (no default: without it, or [eval] samples in a --recipe, only --tasks run).")] = None,
     recipe: RecipeOption = None,
-    base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model for an adapter (default: the one the adapter names).", rich_help_panel="Teacher samples")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to score: warmup, align, distill, or 'all'.", rich_help_panel="Teacher samples")] = None,
     tasks: Annotated[str | None, typer.Option(help="Standard benchmarks, comma-separated lm-eval task names (gsm8k,arc_easy,...): needs pkd[eval].")] = None,
-    num_fewshot: Annotated[int | None, typer.Option(help="Benchmarks: few-shot examples (default: each task's own).")] = None,
-    include_path: Annotated[str | None, typer.Option(help="Benchmarks: a folder of local lm-eval task YAML files.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Benchmarks: few-shot examples (default: each task's own).", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    include_path: Annotated[str | None, typer.Option(help="Benchmarks: a folder of local lm-eval task YAML files.", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    apply_chat_template: Annotated[bool | None, typer.Option("--apply-chat-template/--no-chat-template", help="Benchmarks: prompts in the model's chat format (a student trained on chat-formatted data).", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    gen_kwargs: Annotated[str | None, typer.Option(help="Benchmarks: generation settings for generative tasks, lm-eval's 'temperature=0,max_gen_toks=256'.", rich_help_panel="Benchmarks (lm-eval)")] = None,
+    log_samples: Annotated[bool | None, typer.Option("--log-samples", help="Benchmarks: every scored document (prompt, answer, score) to <--out>.samples.jsonl.", rich_help_panel="Benchmarks (lm-eval)")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples (and N documents per benchmark task).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per forward.")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.")] = None,
-    answer_pattern: Annotated[str | None, typer.Option(help="Regex for the stated answer exact match compares (group 1 if any; the last match wins).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per forward.", rich_help_panel="Teacher samples")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Truncate samples to this many tokens.", rich_help_panel="Teacher samples")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy answer length for exact match.", rich_help_panel="Teacher samples")] = None,
+    answer_pattern: Annotated[str | None, typer.Option(help="Regex for the stated answer exact match compares (group 1 if any; the last match wins).", rich_help_panel="Teacher samples")] = None,
     out: Annotated[str | None, typer.Option(help="Write the report JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     assign: SetOption = None,
@@ -481,10 +516,11 @@ def evaluate(
 
     flags = dict(
         model=model, samples=samples, base=base, split=split, tasks=tasks, num_fewshot=num_fewshot, include_path=include_path, limit=limit,
+        apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs, log_samples=log_samples,
         batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, answer_pattern=answer_pattern, out=out,
     )  # fmt: skip
     r = resolve_recipe(recipe, assign, "eval", flags)
-    with step_console("eval", str(Path(r.eval.out).with_suffix("")) if r.eval.out else r.run.artifact_dir("eval"), verbose=verbose):
+    with step_console("eval", _eval_log_base(r.eval.out, r.eval.model), verbose=verbose):
         report = run_evaluate(r.eval, r.run, progress=True)
     if as_json:
         console.print_json(json.dumps(report))
@@ -507,17 +543,93 @@ def evaluate(
             t.add_column(col, justify="left" if col in ("task", "metric") else "right")
         for task, metrics in bench["tasks"].items():
             for key, value in metrics.items():
-                if "_stderr," in key:
+                if "," not in key or "_stderr," in key:  # metric,filter pairs only (sample_len is the docs count)
                     continue
                 stderr = metrics.get(key.replace(",", "_stderr,", 1))
                 t.add_row(task, key.split(",")[0], f"{value:.4f}", "-" if stderr is None else f"{stderr:.4f}", f"{bench['samples'].get(task, '-')}")
         console.print(t)
 
 
+def _eval_log_base(out: str | None, model: str | None) -> str | None:
+    """Where eval's log goes: beside its report (`x/eval.json` -> `x/eval.log`), else beside the
+    model (`run/student` -> `run/student.eval.log`), else nowhere."""
+    if out:
+        return str(Path(out).with_suffix(""))
+    return f"{model.rstrip('/')}.eval" if model else None
+
+
+# pkd push-model, pkd teacher-export ----------------------------------------------------------------
+
+
+def _print_plan(kind: str, target: Any, plan: list[Any], card: Path) -> None:
+    """A dry run's plan (one commit, its files) and the card it would publish."""
+    console.print(f"[bold]plan[/] one commit to {kind} {target.repo_id}{'@' + target.revision if target.revision else ''}: {len(plan)} files")
+    for u in plan:
+        console.print(f"  {escape(u.path_in_repo)}  <- {escape(str(u.source))}", highlight=False)
+    console.print(card.read_text(), markup=False, highlight=False)
+
+
+@app.command("push-model", rich_help_panel="Share")
+def push_model(
+    folder: Annotated[Path, typer.Argument(help="`pkd train-student` output folder (model/, report.json, manifest.json).")],
+    dst: Annotated[str, typer.Argument(help="Model repository: hf://ORG/NAME (optionally @BRANCH).")],
+    eval_reports: Annotated[list[Path] | None, typer.Option("--eval", help="`pkd eval --out` report(s) to show in the model card (repeatable).")] = None,
+    license: LicenseOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the model card and the commit's files; upload nothing.")] = False,
+) -> None:
+    """Upload a trained student (model or LoRA adapter) with its model card, in one commit."""
+    import tempfile
+
+    from pkd.student.hub import push_model as run_push
+
+    with tempfile.TemporaryDirectory(prefix="pkd-card-") as tmp:
+        target, plan, url = run_push(folder, dst, Path(tmp), evals=eval_reports, license=license, dry_run=dry_run)
+        if dry_run:
+            _print_plan("model", target, plan, Path(tmp, "README.md"))
+            return
+    console.print(f"[green]pushed[/] {folder} -> {dst}: {len(plan)} files in one commit {url}")
+
+
+@app.command("teacher-export", rich_help_panel="Share")
+def teacher_export(
+    teacher: Annotated[str, typer.Argument(help="`pkd teacher-sample` output folder or URI.")],
+    dst: Annotated[str, typer.Argument(help="New local folder, or hf://datasets/ORG/NAME to push it in one commit.")],
+    split: Annotated[str | None, typer.Option(help="Only one of pkd's splits: warmup, align or distill (default: every sample).")] = None,
+    license: LicenseOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Hub: print the dataset card and the commit's files; upload nothing.")] = False,
+) -> None:
+    """Export the teacher's samples as a conversational dataset (`messages` with the assistant turn, as TRL reads it), with a card."""
+    import tempfile
+
+    from pkd.cache.hub import is_hub_dataset, parse_hub_uri
+    from pkd.hub import hub_commit
+    from pkd.store import Folder
+    from pkd.teacher.export import export_plan, export_samples
+
+    if not is_hub_dataset(dst):
+        if dry_run:
+            raise ConfigError("--dry-run plans a Hub push (hf://datasets/ORG/NAME); a local export just writes the folder")
+        out = Path(dst)
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out}: not empty; teacher-export writes a new folder")
+        rows, shards, model = export_samples(Folder(teacher), out, split=split, license=license)
+        console.print(f"[green]exported[/] {rows:,} samples of {model} -> {out} ({len(shards)} shards, {sum(p.stat().st_size for p in shards):,} bytes)")
+        return
+    target = parse_hub_uri(dst)
+    with tempfile.TemporaryDirectory(prefix="pkd-export-") as tmp:
+        rows, shards, model = export_samples(Folder(teacher), Path(tmp), split=split, license=license)
+        plan = export_plan(Path(tmp), shards, target)
+        if dry_run:
+            _print_plan("dataset", target, plan, Path(tmp, "README.md"))
+            return
+        url = hub_commit(dst, target, plan, "dataset", f"pkd teacher-export: {rows:,} responses of {model}")
+    console.print(f"[green]pushed[/] {rows:,} samples of {model} -> {dst}: {len(plan)} files in one commit {url}")
+
+
 # pkd demo ----------------------------------------------------------------------------------------
 
 
-@app.command("demo")
+@app.command("demo", rich_help_panel="Recipes and demo")
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller world and one seed: a ~3-minute smoke test.")] = False,
     real: Annotated[bool, typer.Option("--real", help="A real model instead of the toy world: SmolLM2-135M-Instruct as the teacher (recipes/smollm2.toml).")] = False,
@@ -641,6 +753,9 @@ def cache_push(
     src: CacheURI,
     dst: Annotated[str, typer.Argument(help="Destination folder or URI: s3://bucket/caches/run, or hf://datasets/ORG/NAME for the Hub.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Hub: write the dataset card and print the commit's files; upload nothing.")] = False,
+    license: LicenseOption = None,
+    proxy_name: Annotated[str | None, typer.Option(help="Hub: the proxy model's name for the card (the cache holds only its fingerprint).")] = None,
+    student_name: Annotated[str | None, typer.Option(help="Hub: the student model the cache was made for, for the card.")] = None,
 ) -> None:
     """Upload a complete cache, checking each file's sha256; manifest last (the Hub: one commit with a dataset card)."""
     from pkd.cache.hub import is_hub_dataset
@@ -656,14 +771,32 @@ def cache_push(
     from pkd.store import Folder
 
     with tempfile.TemporaryDirectory(prefix="pkd-card-") as tmp:
-        target, plan, url = push_to_hub(Folder(src), dst, Path(tmp), dry_run=dry_run)
+        target, plan, url = push_to_hub(Folder(src), dst, Path(tmp), dry_run=dry_run, license=license, proxy=proxy_name, student=student_name)
         if dry_run:
-            console.print(f"[bold]plan[/] one commit to dataset {target.repo_id}{'@' + target.revision if target.revision else ''}: {len(plan)} files")
-            for u in plan:
-                console.print(f"  {escape(u.path_in_repo)}  <- {escape(str(u.source))}", highlight=False)
-            console.print(Path(tmp, "README.md").read_text(), markup=False, highlight=False)
+            _print_plan("dataset", target, plan, Path(tmp, "README.md"))
             return
     console.print(f"[green]pushed[/] {src} -> {dst}: {len(plan)} files in one commit {url}")
+
+
+@cache_app.command("export")
+def cache_export(
+    src: CacheURI,
+    out: Annotated[str, typer.Argument(help="New folder or URI for the export (or an interrupted export of the same cache, to resume).")],
+    fmt: Annotated[str, typer.Option("--format", help="plain: per-position top-k ids/logprobs as pkd reads them; axolotl: the columns axolotl's KD plugin trains on.")] = "plain",
+) -> None:
+    """Decode a cache into plain Parquet any tool reads with `datasets` alone (no pkd), shard by shard, with a card."""
+    from pkd.cache.export import export_cache
+    from pkd.cache.ops import read_cache_manifest
+    from pkd.progress import StepProgress
+    from pkd.store import Folder
+
+    cache = Folder(src)
+    shards = len(read_cache_manifest(cache).files)
+    with StepProgress(shards, description="cache export", unit="shards") as bar:
+        s = export_cache(cache, Folder(out), fmt, on_shard=lambda done, rows: bar.update(done=done))  # type: ignore[arg-type]
+    resumed = f" ({s.shards - s.written} were already there)" if s.written < s.shards else ""
+    console.print(f"[green]exported[/] {src} -> {out} ({fmt}): {s.rows:,} rows in {s.shards} shards{resumed}")
+    console.print(f"  {s.export_bytes:,} bytes against the cache's {s.cache_bytes:,}: {s.export_bytes / max(s.cache_bytes, 1):.1f}x")
 
 
 @cache_app.command("pull")
@@ -690,7 +823,7 @@ def recipe_show(
 # pkd batch ---------------------------------------------------------------------------------------
 
 
-@app.command("batch")
+@app.command("batch", rich_help_panel="Recipes and demo")
 def batch() -> None:
     """Run pkd commands one after another in this process: each pays no start-up (importing
     torch/transformers/TRL, ~7 s on a CPU), which dominates many small runs (a sweep, the demo's

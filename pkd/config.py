@@ -180,6 +180,9 @@ class TrainStudentConfig(Section):
     save_total_limit: int | None = Field(default=2, ge=1)
     report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
+    # Any other TrainingArguments field (optim, deepspeed, torch_compile, run_name, project, ...),
+    # checked against the real dataclass by pkd.models.trainer_args
+    trainer: dict[str, Any] = Field(default_factory=dict)
 
     split_report_to = field_validator("report_to", mode="before")(_names_list)
 
@@ -204,6 +207,9 @@ class EvalConfig(Section):
     tasks: list[str] | None = None
     num_fewshot: int | None = Field(default=None, ge=0)  # default: each task's own
     include_path: str | None = None  # folder of lm-eval task YAML files
+    apply_chat_template: bool = False  # benchmarks: prompts in the model's chat format (a student trained on chats)
+    gen_kwargs: str | None = None  # benchmarks: lm-eval generation settings, "temperature=0,max_gen_toks=256"
+    log_samples: bool = False  # benchmarks: every scored document to <out>.samples.jsonl (needs out)
     out: str | None = None  # report JSON path (default: print only)
 
     split_tasks = field_validator("tasks", mode="before")(_task_names)
@@ -262,6 +268,9 @@ class ProxyAlignConfig(Section):
     merge: bool = False  # also write base + adapter merged into one model
     report_to: list[str] | None = None  # Trainer trackers; default: tensorboard when installed, else none
     seed: int | None = None  # default: [run] seed
+    # Any other SFTConfig/DPOConfig field (optim, deepspeed, run_name, project, ...) for the
+    # warm-up and every round, checked against the real dataclasses by pkd.models.trainer_args
+    trainer: dict[str, Any] = Field(default_factory=dict)
 
     split_report_to = field_validator("report_to", mode="before")(_names_list)
     split_eval_tasks = field_validator("eval_tasks", mode="before")(_names_list)
@@ -424,7 +433,12 @@ def override(recipe: Recipe, section: str, values: dict[str, Any], source: str =
     if not given:
         return recipe
     merged = recipe.model_dump()
-    merged.setdefault(section, {}).update(given)
+    target = merged.setdefault(section, {})
+    for key, value in given.items():  # a table (e.g. `trainer`) gains keys rather than being replaced
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            target[key] = target[key] | value
+        else:
+            target[key] = value
     try:
         return Recipe.model_validate(merged)
     except ValidationError as e:
@@ -440,16 +454,36 @@ def resolve_recipe(path: str | Path | None, assignments: list[str] | None, secti
 
 
 def parse_assignments(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`section.key=value` strings (values parsed as TOML, else kept as strings) by section."""
+    """`section.key=value` strings (values parsed as TOML, else kept as strings) by section;
+    `section.table.key=value` sets a key of a table such as `train_student.trainer`."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         name, sep, raw = item.partition("=")
         section, dot, key = name.strip().partition(".")
         if not sep or not dot or not key:
             raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. run.seed=3")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out.setdefault(section, {})[key] = value
+        table, dot, field = key.partition(".")
+        if dot:
+            out.setdefault(section, {}).setdefault(table, {})[field] = toml_value(raw)
+        else:
+            out.setdefault(section, {})[key] = toml_value(raw)
     return out
+
+
+def toml_value(raw: str) -> Any:
+    """A flag's value parsed as TOML (3, 1e-4, true, [1, 2]), else kept as the string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def key_values(items: list[str] | None, flag: str) -> dict[str, Any] | None:
+    """`KEY=VALUE` flags (`--trainer-arg optim=adamw_torch_fused`) as a table; None if none."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} optim=adamw_torch_fused")
+        out[key.strip()] = toml_value(raw)
+    return out or None

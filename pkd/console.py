@@ -33,14 +33,19 @@ QUIET_ENV = {
 }
 
 _terminal_file: IO[str] | None = None  # the saved terminal while a step's output is redirected
+_terminal: Any = None  # the console on it, one per step: progress displays and lines share it
 
 
 def terminal() -> Any:
     """The rich console pkd's own output goes to: the real terminal even while fds 1 and 2 point
-    at a step's log file."""
-    from rich.console import Console
+    at a step's log file. One console object, so a line printed while a progress display or
+    spinner shows lands above it instead of through it."""
+    global _terminal
+    if _terminal is None:
+        from rich.console import Console
 
-    return Console(file=_terminal_file, stderr=_terminal_file is None, soft_wrap=True)
+        _terminal = Console(file=_terminal_file, stderr=_terminal_file is None, soft_wrap=True)
+    return _terminal
 
 
 def log_path(out: str, step: str) -> Path:
@@ -53,18 +58,21 @@ def log_path(out: str, step: str) -> Path:
 
 
 @contextmanager
-def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path]:
+def step_console(step: str, out: str | None, *, verbose: bool = False) -> Iterator[Path | None]:
     """Run a step with the libraries' output in its log file (appended to, one header per run);
-    prints the log's path first, and again if the step fails."""
-    global _terminal_file
-    path = log_path(out, step).absolute()
+    prints the log's path first, and again if the step fails. `out` None: a step with no folder
+    to log beside; the libraries' output is dropped (`verbose` still shows it)."""
+    global _terminal_file, _terminal
+    path = log_path(out, step).absolute() if out is not None else None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed below)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(path or os.devnull, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as e:  # --out under a file, or in a read-only folder: the step never starts
         raise StorageError(f"--out {out}: cannot write there (its log {path}: {type(e).__name__}: {e.strerror or e})") from None
     log.write(f"\n==> {time.strftime('%Y-%m-%d %H:%M:%S')} pkd {step}: {' '.join(sys.argv[1:])}\n")
-    terminal().print(f"[dim]{step}: library output -> {path}[/]", highlight=False)
+    if path is not None:
+        terminal().print(f"[dim]{step}: library output -> {path}[/]", highlight=False)
     handler = logging.StreamHandler(log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -81,6 +89,7 @@ def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path
         sys.stderr.flush()
         saved_fds = (os.dup(1), os.dup(2))
         _terminal_file = os.fdopen(os.dup(saved_fds[1]), "w", buffering=1, encoding="utf-8")
+        _terminal = None
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     failed = False
@@ -99,7 +108,7 @@ def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path
             os.close(saved_fds[1])
             if _terminal_file is not None:
                 _terminal_file.close()
-            _terminal_file = None
+            _terminal_file = _terminal = None
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -108,7 +117,7 @@ def step_console(step: str, out: str, *, verbose: bool = False) -> Iterator[Path
         root.removeHandler(handler)
         ours.setLevel(saved_level)
         log.close()
-        if failed:
+        if failed and path is not None:
             terminal().print(f"[dim]{step}: the libraries' last words are in {path}[/]", highlight=False)
 
 

@@ -1,22 +1,62 @@
 """The only place that draws progress bars (rich). Steps report counts; this module renders them.
 
 A step calls `update()` as work completes; the bar shows done/total, rate and ETA, tokens/s, and
-for request-driven steps requests/s, failures and a note while one is set (`note()`: e.g. a
-rate-limit pause, with how long and until when). `trainer_progress()` is the same display for
+for request-driven steps requests/s and failures, and a note on a third line while one is set
+(`note()`: e.g. a rate-limit pause, with how long and until when). `trainer_progress()` is the same display for
 a transformers/TRL Trainer (step, loss, CE/KL, tokens/s, epoch, ETA). Drawn on the terminal
 (`pkd.console.terminal()`, stderr) so stdout stays clean for summaries and JSON, and so that it
 shows while a step's library output goes to its log file; with `enabled=False` (library use,
-tests) it draws nothing. Every column fits in 80 terminal columns.
+tests) it draws nothing.
+
+Every display fits 80 terminal columns: the bar and its counts on one line, the rates (and the
+trainer's loss) on a second line below it, so nothing is cut to "…". The displays never capture
+stdout/stderr (rich's `redirect_stdout`/`redirect_stderr`): on a real terminal that capture
+would pull the libraries' prints out of the step's log file (`pkd.console`) onto the screen.
+`status()` is a spinner for long phases that have no count to show.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 from pkd.console import terminal
+
+
+def _display(*columns: Any, stats: bool = True) -> Any:
+    """A rich Progress on the terminal that leaves fds 1/2 alone, with each task's `stats` field
+    drawn on a line of its own under its bar."""
+    from rich.progress import Progress
+    from rich.text import Text
+
+    class _TwoLines(Progress):
+        def get_renderables(self):  # noqa: ANN202
+            yield self.make_tasks_table(self.tasks)
+            for task in self.tasks if stats else ():
+                if line := task.fields.get("stats"):
+                    yield Text.from_markup("  " + line, overflow="fold")
+                if note := task.fields.get("note"):
+                    yield Text("  " + note, style="yellow", overflow="fold")
+
+    return _TwoLines(*columns, console=terminal(), refresh_per_second=4, redirect_stdout=False, redirect_stderr=False)
+
+
+@contextmanager
+def status(message: str, *, enabled: bool = True) -> Iterator[None]:
+    """A spinner with the elapsed time for a long phase that reports no counts (a world build, a
+    round's sampling, TRL's reference pass, lm-eval's tasks)."""
+    if not enabled:
+        yield
+        return
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    bar = _display(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), stats=False)
+    bar.add_task(message, total=None)
+    with bar:
+        yield
 
 
 class StepProgress:
@@ -31,24 +71,18 @@ class StepProgress:
         self._bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        counters = "{task.fields[tps]:,.0f} tok/s"
-        if requests:
-            counters = "{task.fields[rps]:.1f} req/s " + counters + " [red]{task.fields[failures]} failed[/] [yellow]{task.fields[note]}"
-        self._bar = Progress(
+        self._unit, self._requests_shown = unit, requests
+        self._bar = _display(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
-            TextColumn(f"{unit} {{task.fields[rate]}}/s"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            TextColumn(counters),
-            console=terminal(),
-            refresh_per_second=4,
         )
-        self._task = self._bar.add_task(description, total=total, completed=done, rate="-", rps=0.0, tps=0.0, failures=0, note="")
+        self._task = self._bar.add_task(description, total=total, completed=done, stats=self._stats("-", 0.0, 0.0, 0), note="")
 
     def __enter__(self) -> StepProgress:
         if self._bar is not None:
@@ -60,7 +94,7 @@ class StepProgress:
             self._bar.stop()
 
     def note(self, text: str) -> None:
-        """Show `text` at the end of the line until the next note ("" clears it): a wait that
+        """Show `text` on a line under the rates until the next note ("" clears it): a wait that
         would otherwise look like a hang, e.g. every worker paused by an HTTP 429."""
         if self._bar is not None:
             self._bar.update(self._task, note=text)
@@ -74,14 +108,15 @@ class StepProgress:
             return
         elapsed = max(time.monotonic() - self._start, 1e-9)
         speed = self._bar.tasks[0].speed
-        self._bar.update(
-            self._task,
-            advance=done,
-            rate=f"{speed:.1f}" if speed else "-",
-            rps=self._requests / elapsed,
-            tps=self._tokens / elapsed,
-            failures=self._failures,
-        )
+        rate = f"{speed:.1f}" if speed else "-"
+        self._bar.update(self._task, advance=done, stats=self._stats(rate, self._requests / elapsed, self._tokens / elapsed, self._failures))
+
+    def _stats(self, rate: str, rps: float, tps: float, failures: int) -> str:
+        """The second line: units/s, tokens/s and, for request-driven steps, requests/s and failures."""
+        line = f"{self._unit} {rate}/s" + (f" · {tps:,.0f} tok/s" if self._tokens else "")
+        if self._requests_shown:
+            line += f" · {rps:.1f} req/s · [red]{failures} failed[/]"
+        return line
 
     def say(self, text: str) -> None:
         """A status line above the bar (e.g. the batches' states at each poll)."""
@@ -93,12 +128,12 @@ def trainer_progress(description: str, *, epoch_of: Callable[[int], float] | Non
     """A `transformers.TrainerCallback` drawing one bar for a training run: optimizer steps of
     `max_steps`, ETA, and from each log record the loss, CE/KL, tokens/s and the epoch
     (`epoch_of(global_step)` when the caller knows better than Trainer, e.g. for a stream)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
         def __init__(self) -> None:
-            self.bar: Progress | None = None
+            self.bar: Any = None
             self.start = time.monotonic()
             self.first_step = 0
 
@@ -106,17 +141,15 @@ def trainer_progress(description: str, *, epoch_of: Callable[[int], float] | Non
             if not enabled or not state.is_world_process_zero:
                 return
             self.start, self.first_step = time.monotonic(), state.global_step
-            self.bar = Progress(
+            self.bar = _display(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(bar_width=16),
+                BarColumn(bar_width=20),
                 MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[status]}"),
-                console=terminal(),
-                refresh_per_second=4,
             )
-            self.task = self.bar.add_task(description, total=state.max_steps, completed=state.global_step, status="")
+            self.task = self.bar.add_task(description, total=state.max_steps, completed=state.global_step, stats="")
             self.bar.start()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -135,7 +168,7 @@ def trainer_progress(description: str, *, epoch_of: Callable[[int], float] | Non
             epoch = epoch_of(state.global_step) if epoch_of else logs.get("epoch")
             if epoch is not None:
                 parts.append(f"ep {epoch:.2f}")
-            self.bar.update(self.task, status=" ".join(parts))
+            self.bar.update(self.task, stats=" · ".join(parts))
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if self.bar is not None:

@@ -69,21 +69,34 @@ def test_local_tasks_end_to_end(tiny_family, tmp_path, kind, monkeypatch):
     report_path = tmp_path / "report.json"
     args = ["eval", "--model", str(model), "--tasks", "pkd_short_gold,pkd_long_gold", "--include-path", str(tasks)]
     args += ["--limit", "5", "--num-fewshot", "0", "--batch-size", "4", "--max-length", "128", "--out", str(report_path)]
-    result = CliRunner().invoke(app, args)
+    if kind == "adapter":  # a chat-trained student: prompts in its chat format, every document logged
+        args += ["--apply-chat-template", "--log-samples"]
+    result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert "rows" not in report and "no teacher samples named" in report["skipped"]  # benchmarks only
     bench = report["benchmarks"]
-    assert bench["tasks"]["pkd_short_gold"]["acc,none"] == 1.0
-    assert bench["tasks"]["pkd_long_gold"]["acc,none"] == 0.0
     assert bench["samples"] == {"pkd_short_gold": 5, "pkd_long_gold": 5}
     assert bench["num_fewshot"] == 0 and bench["limit"] == 5
-    assert "pkd_short_gold" in result.output and "1.0000" in result.output
+    assert all("," in key for metrics in bench["tasks"].values() for key in metrics)  # no sample_len "metric"
+    assert "sample_len" not in result.output
+    if kind == "base":
+        assert bench["tasks"]["pkd_short_gold"]["acc,none"] == 1.0
+        assert bench["tasks"]["pkd_long_gold"]["acc,none"] == 0.0
+        assert "pkd_short_gold" in result.output and "1.0000" in result.output
+    else:
+        assert bench["apply_chat_template"] is True
+        logged = [json.loads(line) for line in (tmp_path / "report.samples.jsonl").read_text().splitlines()]
+        assert len(logged) == 10 and {d["task"] for d in logged} == {"pkd_short_gold", "pkd_long_gold"}
+        assert "<|im_start|>" in json.dumps(logged[0])  # the chat template was applied to the prompt
 
 
-def test_unknown_task_is_one_line(tiny_family, tmp_path):
-    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_family.student), "--tasks", "no_such_task_anywhere", "--out", str(tmp_path / "r.json")])
+def test_unknown_task_is_one_line_before_the_model_loads(tmp_path):
+    missing = tmp_path / "no-model-here"  # the model would fail to load: the task names are checked first
+    result = CliRunner().invoke(app, ["eval", "--model", str(missing), "--tasks", "no_such_task_anywhere", "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 2 and "'no_such_task_anywhere' not known to lm-eval" in result.output
+    typo = CliRunner().invoke(app, ["eval", "--model", str(missing), "--tasks", "pkd_short_gol", "--include-path", str(write_tasks(tmp_path))], terminal_width=300)
+    assert typo.exit_code == 2 and "did you mean 'pkd_short_gold'?" in typo.output
 
 
 @pytest.mark.slow

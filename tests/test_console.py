@@ -152,3 +152,107 @@ def test_report_to_names_a_bad_tracker_in_one_line(tiny_family, scored_cache, tm
 
     result = CliRunner().invoke(app, ["train-student", "--cache", scored_cache, "--student", str(tiny_family.student), "--out", str(tmp_path / "s"), "--report-to", "tensorbored"])
     assert result.exit_code == 2 and "report_to = 'tensorbored': not a tracker" in result.output
+
+
+def _on_a_pty(cmd: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str]:
+    """Run `cmd` with stdin/stdout/stderr on a real pseudo-terminal 80 columns wide (as a user's
+    terminal is; a pipe hides the bug where rich's display captured the libraries' prints) and
+    return its exit status and everything the terminal received."""
+    import fcntl
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = ENV | {"TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 1.0)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the pty
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=30), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_on_a_real_terminal_library_lines_go_to_the_log_not_the_screen(tiny_family, scored_cache, tmp_path):
+    """train-student on a pty: Trainer's `{'loss': ...}` dictionaries are all in student.log
+    and none on the screen, where pkd's bar and summary are."""
+    out = tmp_path / "student"
+    cmd = [sys.executable, str(REPO / "cli.py"), "train-student", "--cache", scored_cache, "--student", str(tiny_family.student), "--out", str(out)]
+    cmd += ["--max-steps", "12", "--batch-size", "4", "--max-length", "64", "--logging-steps", "2", "--precision", "fp32", "--report-to", "none"]
+    rc, screen = _on_a_pty(cmd, tmp_path)
+    assert rc == 0, screen
+    assert "trained" in screen and "train-student" in screen
+    assert "{'" not in screen and "train_runtime" not in screen, screen
+    logged = (tmp_path / "student.log").read_text()
+    history = json.loads((out / "report.json").read_text())["log_history"]
+    assert logged.count("{'loss'") == sum("loss" in h for h in history) == 6
+    assert "train_runtime" in logged
+
+
+def test_every_steps_progress_display_fits_80_columns(monkeypatch):
+    """Each step's progress, at its widest numbers, rendered 80 columns wide: nothing cut."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    import pkd.console
+    from pkd.progress import StepProgress, trainer_progress
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(pkd.console, "_terminal", None)
+
+    def shown(display) -> list[str]:
+        lines = _render(display.get_renderable())
+        _fits(lines)
+        return lines
+
+    steps = [
+        ("teacher-sample", "prompts", True, 30_000),
+        ("cache-logits", "samples", False, 1_000_000),
+        ("eval", "samples", False, 100_000),
+    ]
+    for description, unit, requests, total in steps:
+        bar = StepProgress(total, done=total // 3, description=description, unit=unit, requests=requests)
+        for _ in range(3):
+            bar.update(done=total // 10, tokens=12_345_678, requests=total // 10, failures=3)
+        lines = shown(bar._bar)
+        assert description in lines[0] and f"/{total}" in lines[0] and "eta" in lines[0], lines
+        assert f"{unit} " in lines[1] and "tok/s" in lines[1] and (("failed" in lines[1]) == requests), lines
+
+    for description in ("train-student", "proxy-align round-12"):
+        callback = trainer_progress(description, epoch_of=lambda step: step / 1000)
+        state = TrainerState(max_steps=100_000, global_step=12_345)
+        state.log_history = [{"step": 12_346, "tokens": 9_876_543}]
+        args, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerControl()
+        callback.on_train_begin(args, state, control)
+        try:
+            callback.on_log(args, state, control, logs={"loss": 12.3456, "ce": 1.2345, "kl": 11.1111, "epoch": 12.34})
+            lines = shown(callback.bar)
+        finally:
+            callback.on_train_end(args, state, control)
+        assert description in lines[0] and "12345/100000" in lines[0] and "eta" in lines[0], lines
+        assert "loss 12.346" in lines[1] and "kl 11.111" in lines[1] and "tok/s" in lines[1] and "ep 12.35" in lines[1], lines
+
+
+def test_version_and_help_panels():
+    from typer.testing import CliRunner
+
+    from pkd import __version__
+    from pkd.cli import app
+
+    version = CliRunner().invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.strip() == f"pkd {__version__}"
+    help_text = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["train-student", "--help"], terminal_width=80).output
+    assert help_text.index("--cache") < help_text.index("Loss") < help_text.index("--temperature") < help_text.index("Trainer and tracking")
+    assert "…" not in help_text

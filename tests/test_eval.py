@@ -87,13 +87,17 @@ def test_adapter_and_merged_model_agree(tiny_family, scored_cache, teacher_sampl
     assert a["nll_per_token"] != pytest.approx(base["nll_per_token"], rel=1e-6)
 
 
-def test_cli_prints_json_and_writes_the_report(tiny_family, teacher_samples, tmp_path):
+def test_cli_prints_json_and_writes_the_report(tiny_family, teacher_samples, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_family.student), "--samples", teacher_samples, "--limit", "4", "--json", "--out", str(out), "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["rows"] == 4
     table = CliRunner().invoke(app, ["eval", "--model", str(tiny_family.student), "--samples", teacher_samples, "--limit", "2", "--max-new-tokens", "2"])
     assert table.exit_code == 0 and "top-1 agreement" in table.output
+    # the log sits beside the report, or with no report beside the model; never under the cwd
+    assert (tmp_path / "r.log").is_file() and f"{tiny_family.student}.eval.log" in table.output.replace("\n", "")
+    assert not (tmp_path / "cache").exists()
     bad = CliRunner().invoke(app, ["eval", "--model", str(tmp_path), "--samples", teacher_samples])
     assert bad.exit_code == 2 and "neither a model" in bad.output
 

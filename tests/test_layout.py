@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "pkd"
-CORE = {"answers", "config", "console", "errors", "progress", "records", "store", "fingerprint"}
+# hub: the Hub commit and card lines that the cache, the student and the teacher samples share
+CORE = {"answers", "config", "console", "errors", "hub", "progress", "records", "store", "fingerprint"}
 HEAVY = {"torch", "transformers", "vllm", "openai", "trl", "peft", "accelerate", "datasets"}
 
 

@@ -66,9 +66,13 @@ def table(report: dict[str, Any]) -> Any:
     return Group(quality, times)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Held-out NLL and top-1 agreement by stage; reward margin and accuracy by round."""
-    import matplotlib
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Held-out NLL and top-1 agreement by stage; reward margin and accuracy by round. False
+    (nothing drawn) without matplotlib: it is the `plots` extra, the report does not need it."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,3 +109,4 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

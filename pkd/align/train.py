@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pkd.models.lora import target_modules
+from pkd.models.trainer_args import build_args
 from pkd.config import ProxyAlignConfig, report_to
+from pkd.progress import status
 
 
 def runtime(precision: str) -> tuple[bool, Any]:
@@ -99,7 +101,7 @@ def warmup_sft(
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(**_args(cfg, scratch, seed, cfg.warmup_epochs), completion_only_loss=True)
+    args = build_args(SFTConfig, _args(cfg, scratch, seed, cfg.warmup_epochs) | {"completion_only_loss": True}, cfg.trainer, "proxy_align")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks("warmup", progress))
     start = time.monotonic()
     out = trainer.train()
@@ -122,12 +124,12 @@ def dpo_round(
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
-        **_args(cfg, scratch, seed, cfg.epochs), beta=cfg.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, cfg.nll_weight],
-        precompute_ref_log_probs=True,
-    )  # fmt: skip
+    args = build_args(DPOConfig, _args(cfg, scratch, seed, cfg.epochs) | dict(
+        beta=cfg.beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, cfg.nll_weight], precompute_ref_log_probs=True,
+    ), cfg.trainer, "proxy_align")  # fmt: skip
     start = time.monotonic()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks(stage, progress))
+    with status(f"proxy-align {stage}: reference log-probs of {len(rows)} pairs", enabled=progress):
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=_callbacks(stage, progress))
     ref_s = time.monotonic() - start  # tokenization + the reference forward over every pair
     start = time.monotonic()
     out = trainer.train()

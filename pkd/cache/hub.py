@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pkd.cache.coded import codec_from_spec
 from pkd.cache.ops import read_cache_manifest
 from pkd.errors import ConfigError, IntegrityError, StorageError
+from pkd.hub import CARD, HubTarget, Upload, hub_commit, license_lines, size_category
 from pkd.records import MANIFEST_NAME, LogitCacheManifest, logit_cache_schema
 from pkd.store import Folder
 
 _HUB = re.compile(r"^hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[^/]+))?(?:/(?P<path>.+?))?/?$")
-CARD = "README.md"
-
-
-@dataclass(frozen=True)
-class HubTarget:
-    repo_id: str  # ORG/NAME
-    revision: str | None  # branch; None: the default branch
-    path_in_repo: str  # "" for the repository root
 
 
 def is_hub_dataset(uri: str) -> bool:
@@ -46,14 +38,6 @@ def parse_hub_uri(uri: str) -> HubTarget:
     if not m:
         raise ConfigError(f"{uri}: a cache is pushed to a dataset repository: hf://datasets/ORG/NAME (optionally @BRANCH and /FOLDER)")
     return HubTarget(m["repo"], m["rev"], (m["path"] or "").strip("/"))
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One file of the commit: its local source and its path in the repository."""
-
-    source: Path
-    path_in_repo: str
 
 
 def _join(prefix: str, rel: str) -> str:
@@ -76,9 +60,9 @@ def upload_plan(src: Folder, manifest: LogitCacheManifest, card: Path, target: H
     return plan
 
 
-def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
-    """README.md for the dataset repository: YAML header (loadable config, tags) and a body that
-    describes the cache and how to use it."""
+def dataset_card(manifest: LogitCacheManifest, target: HubTarget, *, license: str | None = None, proxy: str | None = None, student: str | None = None) -> str:
+    """README.md for the dataset repository: YAML header (loadable config, license, size, task,
+    tags) and a body that describes the cache, the models behind it and how to use it."""
     codec = codec_from_spec(manifest.codec)
     schema = logit_cache_schema(codec.columns())
     data = _join(target.path_in_repo, "data/*.parquet")
@@ -93,11 +77,19 @@ def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
         ("tokenizer fingerprint", f"`{manifest.tokenizer_fingerprint}`"),
         ("proxy fingerprint", f"`{manifest.proxy_fingerprint}`"),
         ("teacher model", manifest.teacher_model or "-"),
+        ("proxy model", proxy or "- (name not given: see the fingerprint)"),
+        ("student it was made for", student or "- (any model with the tokenizer above)"),
+        ("license / terms", license or "- (not stated: data made from an API carries its provider's terms)"),
         ("ℓ (mean response logprob) μ / γ", f"{seq.mu:.6g} / {seq.gamma:.6g} over {seq.count:,} samples" if seq else "-"),
         ("format", f"logit cache v{manifest.format_version}, written by pkd {manifest.pkd_version} on {manifest.created_at}"),
     ]
     lines = [
         "---",
+        *license_lines(license),
+        "size_categories:",
+        f"- {size_category(manifest.rows)}",
+        "task_categories:",
+        "- text-generation",
         "tags:",
         "- pkd",
         "- knowledge-distillation",
@@ -163,7 +155,9 @@ def dataset_card(manifest: LogitCacheManifest, target: HubTarget) -> str:
     return "\n".join(lines)
 
 
-def push_to_hub(src: Folder, uri: str, workdir: Path, *, dry_run: bool = False, api: Any = None) -> tuple[HubTarget, list[Upload], str | None]:
+def push_to_hub(
+    src: Folder, uri: str, workdir: Path, *, dry_run: bool = False, api: Any = None, license: str | None = None, proxy: str | None = None, student: str | None = None,
+) -> tuple[HubTarget, list[Upload], str | None]:
     """Write the card under `workdir`, plan the upload, and (unless `dry_run`) create the dataset
     repository if needed and upload everything in one commit. Returns the target, the plan and
     the commit URL (None for a dry run)."""
@@ -172,25 +166,9 @@ def push_to_hub(src: Folder, uri: str, workdir: Path, *, dry_run: bool = False, 
     if not manifest.complete:
         raise IntegrityError(f"{src.uri}: cache is incomplete; only complete caches are shared")
     card = workdir / CARD
-    card.write_text(dataset_card(manifest, target), encoding="utf-8")
+    card.write_text(dataset_card(manifest, target, license=license, proxy=proxy, student=student), encoding="utf-8")
     plan = upload_plan(src, manifest, card, target)
     if dry_run:
         return target, plan, None
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = api or HfApi()
-    operations = [CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=str(u.source)) for u in plan]
-    try:
-        api.create_repo(target.repo_id, repo_type="dataset", exist_ok=True)
-        if target.revision:
-            api.create_branch(target.repo_id, repo_type="dataset", branch=target.revision, exist_ok=True)
-        info = api.create_commit(
-            target.repo_id, operations, repo_type="dataset", revision=target.revision,
-            commit_message=f"pkd cache push: {manifest.rows:,} rows, {len(manifest.files)} shards (k={manifest.codec.get('k')})",
-        )  # fmt: skip
-    except HfHubHTTPError as e:
-        raise StorageError(f"{uri}: the Hub refused the upload ({str(e).splitlines()[0]}); check HF_TOKEN and your rights on {target.repo_id}") from None
-    except Exception as e:  # noqa: BLE001 - offline, DNS, proxy (the hub's HTTP client's own types): a commit is all or nothing
-        raise StorageError(f"{uri}: the upload failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); nothing was committed, rerun when the Hub is reachable") from None
-    return target, plan, info.commit_url
+    message = f"pkd cache push: {manifest.rows:,} rows, {len(manifest.files)} shards (k={manifest.codec.get('k')})"
+    return target, plan, hub_commit(uri, target, plan, "dataset", message, api)

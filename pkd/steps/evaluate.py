@@ -80,6 +80,13 @@ def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict
         raise ConfigError("[eval] samples: nothing to score: name held-out teacher samples with --samples DIR (a `pkd teacher-sample` folder), or benchmarks with --tasks")
     if cfg.out:
         _check_report_path(Path(cfg.out))
+    if cfg.log_samples and not (cfg.tasks and cfg.out):
+        raise ConfigError("[eval] log_samples: logs lm-eval's documents beside the report: give --tasks and --out")
+    manager = None
+    if cfg.tasks:  # task names and data checked before the model loads and the teacher samples are scored
+        from pkd.student.benchmarks import prepare_tasks
+
+        manager = prepare_tasks(cfg.tasks, cfg.include_path)
     model, tok = load_model(cfg.model, cfg.base)
     report: dict[str, Any] = {"model": cfg.model}
     if cfg.samples:
@@ -90,8 +97,10 @@ def evaluate(cfg: EvalConfig, run: RunConfig, *, progress: bool = False) -> dict
         from pkd.student.benchmarks import run_benchmarks
 
         report["benchmarks"] = run_benchmarks(
-            model, tok, cfg.tasks, include_path=cfg.include_path, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
-            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=run.seed,
+            model, tok, cfg.tasks, include_path=cfg.include_path, manager=manager, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=run.seed, apply_chat_template=cfg.apply_chat_template,
+            gen_kwargs=cfg.gen_kwargs, samples_path=Path(cfg.out).with_suffix(".samples.jsonl") if cfg.log_samples and cfg.out else None,
+            progress=progress,
         )  # fmt: skip
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,8 @@ from pkd.teacher.samples import read_teacher_samples, teacher_fingerprint
 from pkd.config import ProxyAlignConfig, Recipe
 from pkd.errors import ConfigError, InputError
 from pkd.fingerprint import files_fingerprint, sha256_file, tokenizer_fingerprint
+from pkd.models.trainer_args import ALIGN_KEYS, ALIGN_OWNED, check_trainer_settings, tracker_project, training_settings
+from pkd.progress import status
 from pkd.records import MANIFEST_NAME, FileEntry, Manifest
 from pkd.store import Folder
 
@@ -129,7 +131,7 @@ class Output:
             if m.kind != "proxy":
                 raise InputError(f"{root} holds a {m.kind!r} artifact, not an aligned proxy: choose another --out")
             changed = [f"{k}: {m.inputs.get(k)} there, {v} now" for k, v in inputs.items() if m.inputs.get(k) != v]
-            changed += [f"{k}: {m.config.get(k)!r} there, {config[k]!r} now" for k in STATE_KEYS if m.config.get(k) != config[k]]
+            changed += [f"{k}: {m.config.get(k)!r} there, {config.get(k)!r} now" for k in STATE_KEYS if m.config.get(k) != config.get(k)]
             if changed:
                 raise ConfigError(f"{root} holds a proxy aligned from other inputs or settings ({'; '.join(changed)}): choose another --out, or rerun with the same ones")
             m.config = config
@@ -196,6 +198,7 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None,
         raise ConfigError(f"--out {out_spec!r}: proxy-align writes models with transformers and needs a local folder")
     out_folder = Folder(out_spec.removeprefix("file://"))
     out_folder.check_folder("--out", write=True)  # before models load, not at the warm-up's end
+    _check_trainer_table(cfg)
     with out_folder.locked("`pkd proxy-align`"):  # one run per --out (flock: a killed run releases it)
         teacher = Folder(cfg.teacher or run.artifact_dir("teacher"))
         t_manifest, samples = read_teacher_samples(teacher)
@@ -207,24 +210,35 @@ def run_proxy_align(recipe: Recipe, *, say: Callable[[str], None] | None = None,
         if student and (warning := vocab_warning(tokenizer, base_dir, student)):
             summary.warnings.append(warning)
             say(f"warning: {warning}")
-        config = cfg.model_dump(mode="json") | {"seed": seed}
+        config = cfg.model_dump(mode="json", exclude={"trainer"}) | {"seed": seed}
+        if settings := training_settings(cfg.trainer):  # absent when empty: folders made before the table still resume
+            config["trainer"] = settings
         out = Output(Path(out_spec.removeprefix("file://")), {"teacher": teacher_fingerprint(t_manifest), "proxy_base": files_fingerprint(base_dir)}, config)
         ctx = _Context(cfg, seed, base_dir, tokenizer, data, out, resolve_engine(cfg.engine), say, progress)
 
-        if not out.counts["warmup"]:
-            ctx.warmup()
-            summary.ran.append("warmup")
-        for k in range(1, cfg.rounds + 1):
-            if out.counts["rounds_sampled"] < k:
-                ctx.sample(k)
-            if out.counts["rounds_done"] < k:
-                ctx.align(k)
-                summary.ran.append(_round(k))
+        with tracker_project(cfg.trainer.get("project")):
+            if not out.counts["warmup"]:
+                ctx.warmup()
+                summary.ran.append("warmup")
+            for k in range(1, cfg.rounds + 1):
+                if out.counts["rounds_sampled"] < k:
+                    ctx.sample(k)
+                if out.counts["rounds_done"] < k:
+                    ctx.align(k)
+                    summary.ran.append(_round(k))
         summary.report, selection = ctx.finish()
         if selection.skill_kept is False:
             summary.skill_warning = selection.reason
         summary.elapsed_s = time.monotonic() - start
         return summary
+
+
+def _check_trainer_table(cfg: ProxyAlignConfig) -> None:
+    """[proxy_align.trainer] names fields of TRL's SFTConfig (warm-up) or DPOConfig (rounds)."""
+    if cfg.trainer:
+        from trl import DPOConfig, SFTConfig
+
+        check_trainer_settings(cfg.trainer, "proxy_align", (SFTConfig, DPOConfig), ALIGN_KEYS, ALIGN_OWNED)
 
 
 def _round(k: int) -> str:
@@ -279,7 +293,7 @@ class _Context:
 
             figures["benchmarks"] = run_benchmarks(
                 model, self.tokenizer, self.cfg.eval_tasks, limit=self.cfg.eval_limit, batch_size=self.cfg.per_device_batch_size,
-                max_length=self.cfg.max_length, seed=self.seed,
+                max_length=self.cfg.max_length, seed=self.seed, progress=self.progress,
             )  # fmt: skip
         return figures
 
@@ -322,7 +336,8 @@ class _Context:
             "gpu_memory_utilization": cfg.gpu_memory_utilization, "sample_merged": cfg.sample_merged,
         }  # fmt: skip
         started = time.monotonic()
-        result = sample_round(request, self.out.scratch(f"{_round(k)}-sampling"))
+        with status(f"{_round(k)}: sampling {len(chunk)} proxy responses ({self.engine})", enabled=self.progress):
+            result = sample_round(request, self.out.scratch(f"{_round(k)}-sampling"))
         gen_s = time.monotonic() - started  # wall time, with the child process and engine start
         stage = self.out.scratch(f"{_round(k)}-samples")
         lines = [{"prompt_id": g[0].prompt_id, "response": r} for g, r in zip(chunk, result.pop("responses"), strict=True)]
@@ -387,8 +402,10 @@ class _Context:
         report = self.report(stages, selection)
         scratch = out.scratch("report")
         moves["report.json"] = _write_json(scratch / "report.json", report)
-        plot(report, scratch / "report.png")
-        moves["report.png"] = scratch / "report.png"
+        if plot(report, scratch / "report.png"):
+            moves["report.png"] = scratch / "report.png"
+        else:
+            self.say("report.png not drawn: matplotlib is not installed (pip install 'pkd[plots]')")
         out.commit(moves, complete=True, selected=selection.index)
         for name in ("trainer", "report", "merged", final):
             shutil.rmtree(out.root / f"{TMP}{name}", ignore_errors=True)

@@ -24,6 +24,7 @@ from pkd.errors import ConfigError, ManifestError, PkdError
 from pkd.fingerprint import files_fingerprint, sha256_file
 from pkd.models.lora import new_adapter, sort_adapter_targets
 from pkd.models.resolve import resolve_model
+from pkd.models.trainer_args import STUDENT_KEYS, STUDENT_OWNED, build_args, check_trainer_settings, tracker_project, training_settings
 from pkd.records import FileEntry, LogitCacheManifest, Manifest, dump_manifest
 from pkd.store import Folder
 
@@ -94,7 +95,9 @@ def _resolve(cfg: TrainStudentConfig, run: RunConfig) -> tuple[str, Path, Path]:
 
 def _config_record(cfg: TrainStudentConfig, seed: int, world: int, streams: int, max_steps: int) -> dict[str, Any]:
     """What fixes the result: the section (minus paths) with its derived values filled in."""
-    rec = cfg.model_dump(exclude={"cache", "student", "out", "report_to"})
+    rec = cfg.model_dump(exclude={"cache", "student", "out", "report_to", "trainer"})
+    if settings := training_settings(cfg.trainer):  # absent when empty: records made before the table still match
+        rec["trainer"] = settings
     return rec | {"seed": seed, "processes": world, "data_streams": streams, "max_steps": max_steps}
 
 
@@ -124,16 +127,19 @@ def _record_run(out: Path, record: dict[str, Any]) -> None:
         raise StorageError(f"--out {out}: cannot write there ({type(e).__name__}: {e.strerror or e})") from None
 
 
-def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None, progress: bool = False) -> StudentResult:
+def train_student(cfg: TrainStudentConfig, run: RunConfig, *, callbacks: list | None = None, progress: bool = False, command: str | None = None) -> StudentResult:
     """Train (or resume, or find already done) the student described by `cfg`; `progress` draws
-    pkd's bar on the terminal."""
+    pkd's bar on the terminal; `command` (the command line that ran it) goes into the model card."""
+    from transformers import TrainingArguments
+
+    check_trainer_settings(cfg.trainer, "train_student", (TrainingArguments,), STUDENT_KEYS, STUDENT_OWNED)
     cache_uri, student, out = _resolve(cfg, run)
     # one run per --out (flock: a killed run releases it); torchrun's other ranks are this run's own
     with Folder(str(out)).locked("`pkd train-student`") if os.environ.get("RANK", "0") == "0" else nullcontext():
-        return _train(cfg, run, cache_uri, student, out, callbacks=callbacks, progress=progress)
+        return _train(cfg, run, cache_uri, student, out, callbacks=callbacks, progress=progress, command=command)
 
 
-def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Path, out: Path, *, callbacks: list | None, progress: bool) -> StudentResult:
+def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Path, out: Path, *, callbacks: list | None, progress: bool, command: str | None) -> StudentResult:
     import torch
     from transformers import AutoConfig, AutoTokenizer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -151,7 +157,7 @@ def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Pat
     gpu = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu)
     seed = run.seed if cfg.seed is None else cfg.seed
-    args = TrainingArguments(
+    args = build_args(TrainingArguments, dict(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -174,7 +180,7 @@ def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Pat
         report_to=report_to(cfg.report_to, "[train_student] report_to"),  # tensorboard: checkpoints/runs/
         disable_tqdm=True,  # pkd draws its own bar; Trainer's log dictionaries go to the step's log
         ddp_find_unused_parameters=False,
-    )
+    ), cfg.trainer, "train_student")  # fmt: skip
     world, rank = args.world_size, args.process_index
     streams = cfg.data_streams or world * max(1, cfg.dataloader_workers)
     global_batch = cfg.per_device_batch_size * cfg.grad_accum * world
@@ -222,7 +228,8 @@ def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Pat
     start = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] if last else 0
     t0 = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=last)
+        with tracker_project(cfg.trainer.get("project")):
+            trainer.train(resume_from_checkpoint=last)
     except PkdError as e:
         raise _unwrapped(e) from None
     elapsed = time.perf_counter() - t0
@@ -235,7 +242,7 @@ def _train(cfg: TrainStudentConfig, run: RunConfig, cache_uri: str, student: Pat
         trainer.save_model(str(out / "model"))
         if trainer.is_world_process_zero():
             sort_adapter_targets(out / "model")
-            _write_outputs(out, result, state.log_history, inputs, record, manifest)
+            _write_outputs(out, result, state.log_history, inputs, record, manifest, {"student": cfg.student, "command": command})
     return result
 
 
@@ -272,19 +279,24 @@ def _load_student(path: Path, cfg: TrainStudentConfig, bf16_weights: bool, seed:
     return model
 
 
-def _write_outputs(out: Path, result: StudentResult, history: list[dict], inputs: dict[str, str], record: dict[str, Any], cache: LogitCacheManifest) -> None:
+def _write_outputs(out: Path, result: StudentResult, history: list[dict], inputs: dict[str, str], record: dict[str, Any], cache: LogitCacheManifest, about: dict[str, Any]) -> None:
+    """report.json, the model card (README.md) and the manifest listing them with the model."""
+    from pkd.student.card import write_card
+
     report = {
         "steps": result.steps,
         "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s,
         "final": result.final,
         "loss_path": result.loss_path,
-        "cache": {"rows": cache.rows, "tokens": cache.tokens, "k": cache.codec.get("k"), "teacher": cache.teacher_model},
+        "cache": {"rows": cache.rows, "tokens": cache.tokens, "k": cache.codec.get("k"), "teacher": cache.teacher_model, "proxy": cache.proxy_fingerprint},
         "config": record,
+        "inputs": inputs,
+        **about,
         "log_history": history,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    files = sorted(p for p in (out / "model").rglob("*") if p.is_file()) + [out / "report.json"]
+    files = sorted(p for p in (out / "model").rglob("*") if p.is_file()) + [out / "report.json", write_card(out)]
     entries = [FileEntry(path=p.relative_to(out).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size, rows=0) for p in files]
     manifest = Manifest(kind="student", complete=True, inputs=inputs, config=record, counts={"steps": result.steps, "tokens": result.tokens}, files=entries)
     Folder(str(out)).write_manifest(manifest)

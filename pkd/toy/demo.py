@@ -123,7 +123,7 @@ def run_demo(
 
     # transformers' save/load progress bars go to world.log beside the world; the phases to the terminal
     with _timer(timings, "world"), step_console("world", str(paths.world)):  # 2 threads: more only spin on models this small
-        world = build_world(paths.world, quick=quick, threads=min(2, os.cpu_count() or 1), log=lambda line: terminal().print(line, markup=False, highlight=False))
+        world = build_world(paths.world, quick=quick, threads=min(2, os.cpu_count() or 1), log=lambda line: terminal().print(line, markup=False, highlight=False), progress=True)
     say(f"toy world at {paths.world}: teacher held-out accuracy {world.report['teacher_heldout_accuracy']:.1%}")
     if not resume:
         shutil.rmtree(paths.run, ignore_errors=True)
@@ -146,9 +146,10 @@ def run_demo(
     results = summarize(scores, world, seeds, quick=quick, timings=timings, commands=steps.commands, diagnostics=diagnostics)
     results["proxy"]["alignment"] = alignment_stages([json.loads((paths.proxy(s) / "report.json").read_text()) for s in seeds], seeds)
     results["cache_bytes_per_token"] = {kind: statistics.fmean(_bytes_per_token(c) for c in {paths.cache(kind, s) for s in seeds}) for kind in CACHE_DIRS}
-    results["files"] = {"results": str(paths.results), "chart": str(paths.chart), "run": str(paths.run)}
+    results["files"] = {"results": str(paths.results), "run": str(paths.run)}
+    if write_chart(results, paths.chart):  # without matplotlib (the `plots` extra) there is no chart
+        results["files"]["chart"] = str(paths.chart)
     write_results(results, paths.results)
-    write_chart(results, paths.chart)
     return results
 
 

@@ -228,11 +228,15 @@ def _diagnostics_table(diag: dict[str, Any], seeds: int) -> Any:
     return t
 
 
-def write_chart(results: dict[str, Any], path: Path) -> None:
+def write_chart(results: dict[str, Any], path: Path) -> bool:
     """What a reader looks for: exact match per variant (95% CI, teacher line); the paired effects
     on exact match and NLL (a − b per seed, 95% CI, zero line); and the proxy before and after
-    alignment, its agreement with the teacher beside its own exact match."""
-    import matplotlib
+    alignment, its agreement with the teacher beside its own exact match. False (nothing drawn)
+    without matplotlib, the `plots` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -277,3 +281,4 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pkd.progress import status
 from pkd.toy.tasks import (
     STYLES,
     Flaws,
@@ -164,9 +165,10 @@ def build_world(
     seed: int = 0,
     threads: int = 1,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> ToyWorld:
     """Build (or find, if its marker matches) the toy world under `root`; `log` receives one line
-    per phase. `threads` sets torch's CPU threads during the build (restored afterwards). One is
+    per phase, and `progress` shows a spinner while it trains (minutes in which nothing else moves). `threads` sets torch's CPU threads during the build (restored afterwards). One is
     the default because these models are tiny: on an idle 2-core host 2 threads were ~1.5x
     faster per step, but with one core busy elsewhere they were 5-10x *slower* (spin-waiting)."""
     root = Path(root)
@@ -184,7 +186,8 @@ def build_world(
     torch.set_num_threads(max(1, threads))
     try:
         marker.unlink(missing_ok=True)
-        report = _build(root, spec, log or (lambda _line: None))
+        with status("toy world: training the teacher, proxy and student", enabled=progress):
+            report = _build(root, spec, log or (lambda _line: None))
     finally:
         torch.set_num_threads(old_threads)
     tmp = marker.with_suffix(".tmp")

@@ -267,7 +267,8 @@ def test_kill_9_during_a_round_then_rerun_continues_after_the_last_finished_roun
     """With vLLM sampling each round from the adapter merged into the base (in the round's work
     folder, gone once the round's samples are committed)."""
     write_teacher_samples(tmp_path / "teacher")
-    args = dict(rounds=2, chunk_size=8, warmup_epochs=1, epochs=1, max_new_tokens=8, engine="vllm", sample_merged="always")
+    # the child reads the embedded recipe under its --set flags, and TOML has no null to unset its answer_pattern: set one
+    args = dict(rounds=2, chunk_size=8, warmup_epochs=1, epochs=1, max_new_tokens=8, engine="vllm", sample_merged="always", answer_pattern=r"(\d+)")
     settings = recipe_for(tiny_family, tmp_path, **args).proxy_align.model_dump(exclude_none=True)
     flags = [f"--set=proxy_align.{k}={json.dumps(v)}" for k, v in settings.items()]
     manifest = tmp_path / "proxy" / "manifest.json"

@@ -186,16 +186,15 @@ class PartsProgress:
         self._bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-        self._bar = Progress(
+        self._bar = _display(  # like every display here, it leaves stdout/stderr to the step's log
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("done, {task.fields[running]} running, {task.fields[pending]} pending, [red]{task.fields[failed]} failed"),
             TimeElapsedColumn(),
-            console=terminal(),
-            refresh_per_second=2,
+            stats=False,
         )
         self._task = self._bar.add_task(description, total=total, running=0, pending=0, failed=0)
 

@@ -207,7 +207,7 @@ def test_every_steps_progress_display_fits_80_columns(monkeypatch):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     import pkd.console
-    from pkd.progress import StepProgress, trainer_progress
+    from pkd.progress import PartsProgress, StepProgress, trainer_progress
 
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setattr(pkd.console, "_terminal", None)
@@ -243,6 +243,14 @@ def test_every_steps_progress_display_fits_80_columns(monkeypatch):
             callback.on_train_end(args, state, control)
         assert description in lines[0] and "12345/100000" in lines[0] and "eta" in lines[0], lines
         assert "loss 12.346" in lines[1] and "kl 11.111" in lines[1] and "tok/s" in lines[1] and "ep 12.35" in lines[1], lines
+
+    parts = PartsProgress(1_000)  # cache-logits --parts: one line of part counts
+    parts.show({"done": 123, "running": 456, "pending": 321, "failed": 100})
+    lines = shown(parts._bar)
+    assert "123/1000" in lines[0] and "456 running" in lines[0] and "100 failed" in lines[0], lines
+    # no display captures stdout/stderr: on a real terminal that pulls library lines out of the log
+    for display in (parts._bar, StepProgress(1)._bar):
+        assert not display.live._redirect_stdout and not display.live._redirect_stderr
 
 
 def test_version_and_help_panels():

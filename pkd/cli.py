@@ -856,30 +856,22 @@ def _in_process(argv: list[str], fd: int) -> int:
     """One pkd command in this process with fds 1 and 2 on `fd`; its exit code."""
     import sys
 
-    saved, saved_argv = (os.dup(1), os.dup(2)), sys.argv
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.argv = ["pkd", *argv]
-    try:
-        app(args=argv, prog_name="pkd")
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except Exception as e:  # noqa: BLE001 - a bug in one command must not lose the others' results
-        import traceback
+    from pkd.console import fds_to
 
-        traceback.print_exc()
-        return 1 if not isinstance(e, PkdError) else e.exit_code
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-        sys.argv = saved_argv
+    saved_argv, sys.argv = sys.argv, ["pkd", *argv]
+    with fds_to(fd):
+        try:
+            app(args=argv, prog_name="pkd")
+            return 0
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception as e:  # noqa: BLE001 - a bug in one command must not lose the others' results
+            import traceback
+
+            traceback.print_exc()
+            return 1 if not isinstance(e, PkdError) else e.exit_code
+        finally:
+            sys.argv = saved_argv
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,17 +81,13 @@ def step_console(step: str, out: str | None, *, verbose: bool = False) -> Iterat
     saved_level = ours.level
     ours.setLevel(logging.INFO)
     saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
-    saved_fds: tuple[int, int] | None = None
+    redirect = ExitStack()
     if not verbose:
         os.environ.update(QUIET_ENV)
         _quiet_loaded_libraries()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved_fds = (os.dup(1), os.dup(2))
-        _terminal_file = os.fdopen(os.dup(saved_fds[1]), "w", buffering=1, encoding="utf-8")
+        terminal_fd = redirect.enter_context(fds_to(log.fileno()))
+        _terminal_file = os.fdopen(os.dup(terminal_fd), "w", buffering=1, encoding="utf-8")
         _terminal = None
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
     failed = False
     try:
         yield path
@@ -99,13 +95,8 @@ def step_console(step: str, out: str | None, *, verbose: bool = False) -> Iterat
         failed = True
         raise
     finally:
-        if saved_fds is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved_fds[0], 1)
-            os.dup2(saved_fds[1], 2)
-            os.close(saved_fds[0])
-            os.close(saved_fds[1])
+        redirect.close()  # fds 1 and 2 back on the terminal
+        if not verbose:
             if _terminal_file is not None:
                 _terminal_file.close()
             _terminal_file = _terminal = None
@@ -119,6 +110,26 @@ def step_console(step: str, out: str | None, *, verbose: bool = False) -> Iterat
         log.close()
         if failed and path is not None:
             terminal().print(f"[dim]{step}: the libraries' last words are in {path}[/]", highlight=False)
+
+
+@contextmanager
+def fds_to(fd: int) -> Iterator[int]:
+    """fds 1 and 2 on `fd` for the block (what C code and child processes write too); yields a
+    duplicate of the fd 2 it replaced (the terminal), valid inside the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        yield saved[1]
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def _quiet_loaded_libraries() -> None:

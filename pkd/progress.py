@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pkd.console import terminal
 
@@ -59,7 +59,22 @@ def status(message: str, *, enabled: bool = True) -> Iterator[None]:
         yield
 
 
-class StepProgress:
+class _Shown:
+    """A display that starts and stops with its `with` block; `_bar` None draws nothing."""
+
+    _bar: Any = None
+
+    def __enter__(self) -> Self:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+class StepProgress(_Shown):
     """Units of work done/total (prompts, samples) with their rate and ETA, tokens/s, and, with
     `requests=True`, requests/s and failures."""
 
@@ -83,15 +98,6 @@ class StepProgress:
             TimeRemainingColumn(),
         )
         self._task = self._bar.add_task(description, total=total, completed=done, stats=self._stats("-", 0.0, 0.0, 0), note="")
-
-    def __enter__(self) -> StepProgress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
     def note(self, text: str) -> None:
         """Show `text` on a line under the rates until the next note ("" clears it): a wait that
@@ -179,7 +185,7 @@ def trainer_progress(description: str, *, epoch_of: Callable[[int], float] | Non
     return _Progress()
 
 
-class PartsProgress:
+class PartsProgress(_Shown):
     """One line for launched parts: done/total and how many run, wait or failed."""
 
     def __init__(self, total: int, *, description: str = "parts", enabled: bool = True) -> None:
@@ -197,15 +203,6 @@ class PartsProgress:
             stats=False,
         )
         self._task = self._bar.add_task(description, total=total, running=0, pending=0, failed=0)
-
-    def __enter__(self) -> PartsProgress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
     def show(self, counts: dict[str, int]) -> None:
         """`counts`: parts done, running, pending, failed."""

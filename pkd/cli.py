@@ -312,7 +312,7 @@ def cache_logits(
     dtype: Annotated[str | None, typer.Option(help="Model dtype: auto (the checkpoint's), bfloat16, float16, float32.", rich_help_panel="Engine and parts")] = None,
     max_length: Annotated[int | None, typer.Option(help="Prompt + response tokens per sample.", rich_help_panel="What is kept")] = None,
     overflow: Annotated[str | None, typer.Option(help="Longer samples: 'truncate' the response end or 'skip' them.", rich_help_panel="What is kept")] = None,
-    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (by a hash of the sample id); join parts with `pkd cache merge`. auto: from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.", rich_help_panel="Engine and parts")] = None,
+    part: Annotated[str | None, typer.Option(help="I/N: score only part I of N (chunk c of shard-rows samples of the row order goes to part c mod N); `pkd cache merge` puts the parts back together as one run's cache. auto: from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.", rich_help_panel="Engine and parts")] = None,
     parts: Annotated[int | None, typer.Option(help="Launch N parts (--launcher), retry the failed ones, and merge them into --out.", rich_help_panel="On a cluster")] = None,
     launcher: Annotated[str | None, typer.Option(help="Where --parts run: local (processes here, one per GPU), slurm (a job array through submitit) or ray (Ray tasks).", rich_help_panel="On a cluster")] = None,
     max_retries: Annotated[int | None, typer.Option(help="--parts: resubmissions of a failed part before the launch fails.", rich_help_panel="On a cluster")] = None,
@@ -323,7 +323,7 @@ def cache_logits(
     constraint: Annotated[str | None, typer.Option(help="slurm: node constraint, e.g. 'a100|h100'.", rich_help_panel="On a cluster")] = None,
     sbatch: Annotated[list[str] | None, typer.Option(help="slurm: extra sbatch setting KEY=VALUE, e.g. qos=high (repeatable).", rich_help_panel="On a cluster")] = None,
     ray_address: Annotated[str | None, typer.Option(help="ray: cluster address (auto: the running cluster; local: start one here).", rich_help_panel="On a cluster")] = None,
-    shard_rows: Annotated[int | None, typer.Option(help="Samples per committed shard (the unit of resumption).", rich_help_panel="Engine and parts")] = None,
+    shard_rows: Annotated[int | None, typer.Option(help="Samples per shard: the unit of scoring, resumption and parts (a setting of the cache: a rerun must keep it).", rich_help_panel="Engine and parts")] = None,
     batch_tokens: Annotated[int | None, typer.Option(help="Transformers engine: padded tokens per forward.", rich_help_panel="Engine and parts")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of the GPU vLLM takes.", rich_help_panel="Engine and parts")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM: GPUs one proxy is split over.", rich_help_panel="Engine and parts")] = None,
@@ -409,6 +409,10 @@ def _launch(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool, verbose: bool
         console.print(f"[green]nothing to do[/] {s.out}: the merged cache is complete ({m.rows:,} samples, {m.tokens:,} tokens)")
     else:
         console.print(f"[green]merged[/] {s.parts} parts into {s.out}: {m.rows:,} samples, {m.tokens:,} tokens, ℓ μ={m.seq_logprob.mu:.4f} γ={m.seq_logprob.gamma:.4f}; {s.elapsed_s:.1f} s")
+        if s.idle:
+            fair = max(1, -(-m.rows // s.parts))
+            console.print(f"[yellow]warning: {len(s.idle)} of {s.parts} parts had nothing to score ({', '.join(map(str, s.idle))}): a part scores whole shards, and D_s made {len(m.files)}; "
+                          f"--shard-rows {fair} or less gives every part work[/]", highlight=False)  # fmt: skip
 
 
 def _print_proxy_stage(stage: dict[str, Any]) -> None:
@@ -736,7 +740,8 @@ def cache_merge(
     from pkd.store import Folder
 
     m = merge([Folder(p) for p in parts], Folder(out))
-    console.print(f"[green]merged[/] {len(parts)} caches into {out}: {m.rows:,} rows, {m.tokens:,} tokens, ℓ μ={m.seq_logprob.mu:.4f} γ={m.seq_logprob.gamma:.4f}")
+    how = f"the {len(parts)} parts of one run into {out}, the cache one process writes" if "merged_from" not in m.config else f"{len(parts)} caches into {out}"
+    console.print(f"[green]merged[/] {how}: {m.rows:,} rows, {m.tokens:,} tokens, ℓ μ={m.seq_logprob.mu:.4f} γ={m.seq_logprob.gamma:.4f}")
 
 
 def _copy(src: str, dst: str, verb: str) -> None:

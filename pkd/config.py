@@ -346,7 +346,7 @@ class CacheLogitsConfig(Section):
     max_length: int = Field(default=1024, ge=2)  # prompt + response tokens
     overflow: Literal["truncate", "skip"] = "truncate"  # longer chats: cut the response end, or drop them
     part: str = Field(default="0/1", pattern=r"^(\d+/\d+|auto)$")  # I/N: this worker's share of the samples; auto: from SLURM/torchrun (pkd.launch.env)
-    shard_rows: int = Field(default=1024, ge=1)  # samples per committed shard (the unit of resumption)
+    shard_rows: int = Field(default=1024, ge=1)  # samples per shard: the unit of scoring, resumption and parts (pkd.steps.cache_logits)
     batch_tokens: int = Field(default=8192, ge=1)  # transformers engine: padded tokens per forward
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)  # vLLM on GPU
     tensor_parallel_size: int = Field(default=1, ge=1)  # vLLM: GPUs one proxy is split over (a 70B needs several)

@@ -6,6 +6,8 @@ They work on any fsspec location and stream shard by shard; none imports torch.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -220,7 +222,11 @@ def _require_empty(folder: Folder) -> None:
 
 
 def merge(parts: list[Folder], out: Folder) -> LogitCacheManifest:
-    """Join caches built in parts (e.g. `--part i/N`) into one; μ/γ recomputed for the whole."""
+    """Join caches built in parts into one; μ/γ recomputed for the whole. The N parts of one
+    `pkd cache-logits` run (`--part I/N`) are put back together as that run: each shard in its
+    chunk's place, the run's settings and counts, so the result is the cache a single process
+    writes (`run_of_parts`). Other caches are concatenated, their settings kept under
+    `merged_from`."""
     if not parts:
         raise CompatibilityError("merge needs at least one cache")
     manifests = [read_cache_manifest(p) for p in parts]
@@ -237,21 +243,48 @@ def merge(parts: list[Folder], out: Folder) -> LogitCacheManifest:
                     raise CompatibilityError(f"sample {sid!r} is in both {seen[sid]} and {p.uri}; parts must be disjoint")
                 seen[sid] = p.uri
     _require_empty(out)
-    merged = manifests[0].model_copy(deep=True)
-    merged.files, merged.complete = [], False
-    same_inputs = all(m.inputs == manifests[0].inputs for m in manifests)
-    merged.inputs = manifests[0].inputs if same_inputs else {f"part{i}.{k}": v for i, m in enumerate(manifests) for k, v in m.inputs.items()}
-    merged.config = {"merged_from": [{"uri": p.uri, "config": m.config} for p, m in zip(parts, manifests)]}
-    for i, (p, m) in enumerate(zip(parts, manifests)):
-        for j, entry in enumerate(m.files):
-            new = entry.model_copy(update={"path": shard_name(i, j)})
-            _copy_checked(p, entry, out, new.path)
-            merged.files.append(new)
+    merged = LogitCacheManifest(**manifests[0].model_dump(exclude={"created_at", "pkd_version", "files", "complete", "counts"}))
+    chunks = run_of_parts(manifests)
+    if chunks is not None:
+        merged.config = {**manifests[0].config, "part": "0/1"}
+        counts = sum((Counter({k: v for k, v in m.counts.items() if k not in ("rows", "tokens")}) for m in manifests), Counter[str]())
+        placed = sorted(((c, p, e) for p, m, cs in zip(parts, manifests, chunks) for e, c in zip(m.files, cs)), key=lambda t: t[0])
+        moves = [(p, e, shard_name(0, c)) for c, p, e in placed]
+    else:
+        moves = [(p, e, shard_name(i, j)) for i, (p, m) in enumerate(zip(parts, manifests)) for j, e in enumerate(m.files)]
+        same_inputs = all(m.inputs == manifests[0].inputs for m in manifests)
+        merged.inputs = manifests[0].inputs if same_inputs else {f"part{i}.{k}": v for i, m in enumerate(manifests) for k, v in m.inputs.items()}
+        merged.config = {"merged_from": [{"uri": p.uri, "config": m.config} for p, m in zip(parts, manifests)]}
+        counts = Counter()
+    for p, entry, new in moves:
+        _copy_checked(p, entry, out, new)
+        merged.files.append(entry.model_copy(update={"path": new}))
     merged.seq_logprob = seq_logprob_stats(iter_column(out, merged, "seq_logprob"))
-    merged.counts = {"rows": merged.rows, "tokens": merged.tokens}
+    merged.counts = {**counts, "rows": merged.rows, "tokens": merged.tokens}
     merged.complete = True
     out.write_manifest(merged)
     return merged
+
+
+def run_of_parts(manifests: list[LogitCacheManifest]) -> list[list[int]] | None:
+    """Each shard's chunk if `manifests` are all N parts of one cache-logits run (the same
+    settings but `part`, each of 0/N … N-1/N once, the same inputs): part I holds chunks c ≡ I
+    (mod N) of the run as data/part-I-c (pkd.steps.cache_logits), which one process names
+    data/part-0-c. Per manifest, per file: c; None if they are not such parts."""
+    n, configs = len(manifests), [dict(m.config) for m in manifests]
+    index = [str(c.pop("part", "")) for c in configs]
+    if "shard_rows" not in configs[0] or any(c != configs[0] for c in configs) or any(m.inputs != manifests[0].inputs for m in manifests):
+        return None
+    if set(index) != {f"{i}/{n}" for i in range(n)}:
+        return None
+    chunks = []
+    for part, m in zip(index, manifests):
+        i = int(part.split("/")[0])
+        found = [re.fullmatch(rf"{SHARD_DIR}/part-{i:05d}-(\d+)\.parquet", entry.path) for entry in m.files]
+        if any(f is None or int(f[1]) % n != i for f in found):
+            return None
+        chunks.append([int(f[1]) for f in found if f is not None])
+    return chunks
 
 
 # push / pull -----------------------------------------------------------------------------------

@@ -348,12 +348,18 @@ class LogitCacheWriter:
     def flush(self) -> None:
         if not self._buffer:
             return
-        rel = shard_name(self.part, sum(f.path.startswith(part_prefix(self.part)) for f in self.manifest.files))
-        entry = write_shard(self.folder, rel, self._buffer, self.manifest, self.codec, self.zstd_level)
-        self.manifest.files.append(entry)
+        self.write_chunk(sum(f.path.startswith(part_prefix(self.part)) for f in self.manifest.files), self._buffer)
+        self._buffer = []
+
+    def write_chunk(self, index: int, samples: list[LogitSample]) -> None:
+        """Commit `samples` as shard `index` of this part (`shard_name`): cache-logits names each
+        shard after its chunk of the global row order, so parts' shards keep their place."""
+        rel = shard_name(self.part, index)
+        if any(f.path == rel for f in self.manifest.files):
+            raise ManifestError(f"{self.folder.where(rel)} is already committed; a chunk is written once")
+        self.manifest.files.append(write_shard(self.folder, rel, samples, self.manifest, self.codec, self.zstd_level))
         self.manifest.complete = False
         self.folder.write_manifest(self.manifest)
-        self._buffer = []
 
     def close(self, counts: dict[str, int] | None = None) -> LogitCacheManifest:
         """Commit the last shard, compute μ/γ over the whole cache, mark it complete; `counts`

@@ -3,7 +3,8 @@
 With GPUs, each part gets `gpus_per_part` of them through CUDA_VISIBLE_DEVICES and at most
 (visible GPUs / gpus_per_part) parts run at once; without, `max_parallel` parts (default: all).
 The processes start in their own session, so a Ctrl-C or kill of pkd does not take them down: each
-started job's pid is written to `<work>/pids/<job id>`, and a rerun watches those that still run.
+started job's pid and start time are written to `<work>/pids/<job id>`, and a rerun watches those
+that still run (the start time tells a reused pid from the part's).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 from collections import deque
 from pathlib import Path
 
-from pkd.launch.parts import PartJob, pid_alive
+from pkd.launch.parts import PartJob, pid_alive, start_time
 
 def gpu_slots(gpus_per_part: int, max_parallel: int | None, parts: int) -> list[str | None]:
     """One CUDA_VISIBLE_DEVICES value per slot (None: leave it alone, CPU parts)."""
@@ -63,7 +64,7 @@ class LocalLauncher:
                 proc = subprocess.Popen(job.argv, cwd=job.cwd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             self._running[job_id] = (proc, slot)
             self._pids.mkdir(parents=True, exist_ok=True)
-            (self._pids / job_id).write_text(str(proc.pid))
+            (self._pids / job_id).write_text(f"{proc.pid} {start_time(proc.pid)}".strip())
 
     def _reap(self) -> None:
         """Free the slots of every ended process (the runner stops asking about a part once its
@@ -86,7 +87,8 @@ class LocalLauncher:
         pid = self._pids / job_id  # a job of an earlier pkd process
         if not pid.is_file():
             return "lost"  # it was still queued when that process ended
-        return "running" if pid_alive(int(pid.read_text())) else "ended"
+        number, _, started = pid.read_text().partition(" ")
+        return "running" if pid_alive(int(number), started) else "ended"
 
     def close(self) -> None:
         """Leave running parts alone (they resume anyway); drop the queue."""

@@ -191,9 +191,21 @@ def timeline(record: LaunchRecord) -> list[dict[str, Any]]:
     return rows
 
 
-def pid_alive(pid: int) -> bool:
+def start_time(pid: int) -> str:
+    """When process `pid` started, in clock ticks since boot ("" where /proc cannot say): with the
+    pid it names one process, so a pid reused after a reboot is not taken for the part's."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def pid_alive(pid: int, started: str = "") -> bool:
     """Whether a local process is still running: our child (reaped if it ended), or another's
-    (a process of an earlier pkd that was killed or ran with --no-wait)."""
+    (a process of an earlier pkd that was killed or ran with --no-wait); `started`
+    (`start_time`), when known, must match."""
+    if started and start_time(pid) not in ("", started):
+        return False
     try:
         ended, _ = os.waitpid(pid, os.WNOHANG)
         return not ended

@@ -5,32 +5,40 @@ Per sample: the chat's ids (pkd.models.chat), at every response position the pro
 ids/logprobs and the teacher token's logprob, and ℓ, their mean; μ and γ of ℓ over the whole
 cache go into the manifest when the pass ends (LogitCacheWriter.close).
 
-Order and resumption: samples are taken in the order of a hash of their ids (ORDER), filtered to
-the split and this worker's part, and scored in chunks of `shard_rows` samples, one shard each.
-Not in teacher-folder order: that is the order the teacher's replies happened to arrive in, so two
-runs over the same samples wrote differently ordered caches, and a student's data order (a
-function of its seed and the cache's row order) was not reproducible; the hash order also starts
-a streaming shuffle from mixed rows when the prompt file is grouped by source. A rerun skips the
-committed samples; committed shards are a prefix of that order, so the remaining chunks are the
-ones an uninterrupted run would score, and after `kill -9` the cache ends up byte for byte the
-same. The vLLM engine scores a merged proxy: the adapter is merged into the base once, into
+Order, shards and resumption: the split's samples are taken in the order of a hash of their ids
+(ORDER) and cut into chunks of `shard_rows` samples; chunk c is scored in one engine call (which
+batches it by `batch_tokens`) and written as shard c (samples the max-length policy skips leave it
+shorter). Not in teacher-folder order: that
+is the order the teacher's replies happened to arrive in, so two runs over the same samples wrote
+differently ordered caches, and a student's data order (a function of its seed and the cache's
+row order) was not reproducible; the hash order also starts a streaming shuffle from mixed rows
+when the prompt file is grouped by source. A rerun skips the committed chunks and scores the
+others exactly as an uninterrupted run would, so after `kill -9` the cache ends up byte for byte
+the same; `shard_rows` is therefore one of a cache's settings.
+
+The vLLM engine scores a merged proxy: the adapter is merged into the base once, into
 `<out>-work/merged-<fingerprint>` beside a local output (reused by reruns), because vLLM's LoRA
-path is several times slower than the plain model and the logits are the same. Parts (`--part I/N`): a sample belongs to part hash(sample_id) mod N, so N workers split
-D_s without talking to each other; each writes its own folder (shards data/part-I-*), and
-`pkd cache merge` joins them and recomputes μ/γ over the whole. `launch_cache_logits` runs the N
-parts itself on a launcher (pkd.launch: local processes, a SLURM job array, Ray tasks), each part
-being this same command with `--part I/N`, and merges them into the requested output.
+path is several times slower than the plain model and the logits are the same.
+
+Parts (`--part I/N`): chunk c belongs to part c mod N, so N workers split D_s without talking to
+each other (each reads the same teacher folder, whose fingerprint every part records); each
+writes its own folder (chunk c as data/part-I-c), and `pkd cache merge` puts the chunks back in
+their places: the shards a single run writes, byte for byte, as long as the engine scores a
+chunk the same in every process (transformers does, at the same `batch_tokens`; vLLM schedules
+its own batches).
+`launch_cache_logits` runs the N parts itself on a launcher (pkd.launch: local processes, a
+SLURM job array, Ray tasks), each part being this same command with `--part I/N`, and merges
+them into the requested output.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +60,9 @@ from pkd.models.chat import encode_chat
 
 # Settings that may change between a run and its resumption: where things are, how fast they go.
 # What the proxy and the teacher samples are is fixed by the manifest's fingerprints instead.
-FREE_KEYS = frozenset({"teacher", "proxy", "model", "adapter", "student", "out", "engine", "max_logprobs", "shard_rows", "batch_tokens", "gpu_memory_utilization", "tensor_parallel_size", "launch"})
+FREE_KEYS = frozenset({"teacher", "proxy", "model", "adapter", "student", "out", "engine", "max_logprobs", "batch_tokens", "gpu_memory_utilization", "tensor_parallel_size", "launch"})
 TOKENIZATION = "chat-v1"  # pkd.models.chat's rules: bump when they change what ids a chat gets
 HEADER_FIELDS = ("codec", "vocab_size", "tokenizer_fingerprint", "proxy_fingerprint", "teacher_model", "inputs", "config")
-_PART_SALT = b"pkd-part-v1\0"
 ORDER = "sha256(pkd-order-v1, sample id)"  # the row order, recorded in the manifest: a resume must use the same
 _ORDER_SALT = b"pkd-order-v1\0"
 
@@ -98,12 +105,6 @@ class Summary:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.score_s if self.score_s else 0.0
-
-
-def part_of(sample_id: str, parts: int) -> int:
-    """The part (of `parts`) that scores `sample_id`: fixed by the id alone."""
-    digest = hashlib.sha256(_PART_SALT + sample_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % parts
 
 
 def default_out(run: RunConfig, index: int, parts: int) -> str:
@@ -218,14 +219,21 @@ def row_order(sample_id: str) -> bytes:
     return hashlib.sha256(_ORDER_SALT + sample_id.encode("utf-8")).digest()
 
 
-def select(samples: Iterable[TeacherSample], cfg: CacheLogitsConfig, tokenizer: Any, done: set[str]) -> tuple[list[Item], Counter[str]]:
-    """This part's samples of the split as chat ids, in row order (`row_order`), under the
-    max-length policy; committed ones are counted but not returned."""
+def select(samples: Iterable[TeacherSample], cfg: CacheLogitsConfig, tokenizer: Any, done: set[str]) -> tuple[dict[int, list[Item]], Counter[str]]:
+    """This part's chunks of the split (see the module docstring) as chat ids under the
+    max-length policy, by chunk index; committed samples are counted but not returned, and a
+    chunk left with nothing to score is left out."""
     index, parts = cfg.part_index
-    counts: Counter[str] = Counter()
+    ordered = sorted((s for s in samples if s.split == cfg.split), key=lambda s: row_order(s.sample_id))
+    size, counts = cfg.shard_rows, Counter[str]()
+    chunks = {c: _items(ordered[c * size : (c + 1) * size], cfg, tokenizer, done, counts) for c in range(index, -(-len(ordered) // size), parts)}
+    return {c: items for c, items in chunks.items() if items}, +counts
+
+
+def _items(samples: list[TeacherSample], cfg: CacheLogitsConfig, tokenizer: Any, done: set[str], counts: Counter[str]) -> list[Item]:
+    """`samples` as chat ids under the max-length policy, tallied in `counts`, less the committed."""
     items = []
-    mine = [s for s in samples if s.split == cfg.split and part_of(s.sample_id, parts) == index]
-    for s in sorted(mine, key=lambda s: row_order(s.sample_id)):
+    for s in samples:
         counts["samples"] += 1
         chat = encode_chat(tokenizer, s.messages, s.response)
         counts["joined_tokenization"] += chat.joined
@@ -241,7 +249,7 @@ def select(samples: Iterable[TeacherSample], cfg: CacheLogitsConfig, tokenizer: 
             continue
         if s.sample_id not in done:
             items.append(Item(s.sample_id, np.asarray(ids, np.int32), chat.response_start))
-    return items, +counts
+    return items
 
 
 # the output folder ----------------------------------------------------------------------------
@@ -272,12 +280,6 @@ def open_existing(folder: Folder, header: LogitCacheManifest) -> LogitCacheManif
             "choose another --out, or delete that folder to rebuild it"
         )
     return m
-
-
-def _chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
 
 
 # the step -------------------------------------------------------------------------------------
@@ -372,10 +374,10 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
                     gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
                     batch_tokens=cfg.batch_tokens,
                 ) as engine,
-                StepProgress(len(todo) + len(done), done=len(done), description="cache-logits", enabled=progress) as bar,
+                StepProgress(sum(map(len, todo.values())) + len(done), done=len(done), description="cache-logits", enabled=progress) as bar,
             ):  # fmt: skip
                 summary.engine = engine.kind
-                for chunk in _chunks(todo, cfg.shard_rows):  # one shard each: see the module docstring
+                for shard, chunk in todo.items():  # one batch and one shard each: see the module docstring
                     tick = time.perf_counter()
                     seqs, starts = [c.ids.tolist() for c in chunk], [c.response_start for c in chunk]
                     if cfg.mode == "sampled":  # seeded per sample: resume and --part draw the same ids
@@ -384,8 +386,7 @@ def run_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, progress: bool =
                     else:
                         results = list(engine.score_topk(seqs, starts, cfg.k))
                     summary.score_s += time.perf_counter() - tick
-                    for item, r in zip(chunk, results):
-                        writer.add(LogitSample(item.sample_id, item.ids, item.response_start, r.topk_ids, r.topk_logprobs, r.token_logprobs, r.counts))
+                    writer.write_chunk(shard, [LogitSample(i.sample_id, i.ids, i.response_start, r.topk_ids, r.topk_logprobs, r.token_logprobs, r.counts) for i, r in zip(chunk, results)])
                     tokens = sum(len(r.token_logprobs) for r in results)
                     summary.scored += len(chunk)
                     summary.tokens += tokens
@@ -407,6 +408,7 @@ class LaunchSummary:
     timeline: list[dict[str, Any]]  # per part: start_s, end_s, retries, jobs (pkd.launch.parts.timeline)
     manifest: LogitCacheManifest | None  # the merged cache; None while parts still run (--no-wait)
     merged: bool = False  # merged by this invocation
+    idle: list[int] = field(default_factory=list)  # parts that had no shard to score (fewer shards than parts)
     record: str = ""  # launch.json
     elapsed_s: float = 0.0
 
@@ -424,9 +426,10 @@ def part_command(cfg: CacheLogitsConfig, run: RunConfig, index: int, out: str) -
     return [sys.executable, "-m", "pkd.cli", "cache-logits", *_set_args("run", run.model_dump(mode="json")), *_set_args("cache_logits", values), "--part", f"{index}/{cfg.launch.parts}", "--out", out]
 
 
-def _merged_already(folder: Folder, expected: list[dict[str, Any]]) -> LogitCacheManifest | None:
-    """The merged cache in `folder` if it is complete and joins parts of these settings; None if
-    the folder holds nothing but a merge's leftovers (removed); anything else is an error."""
+def _merged_already(folder: Folder, expected: dict[str, Any]) -> LogitCacheManifest | None:
+    """The cache in `folder` if it is complete and has these settings (`expected`: a single run's,
+    which the merge of its parts has too); None if the folder holds nothing but a merge's
+    leftovers (removed); anything else is an error."""
     if not folder.has_manifest():
         foreign = [p for p in folder.listdir() if not p.startswith(SHARD_DIR + "/") and TMP_MARK not in p]
         if foreign:
@@ -435,10 +438,8 @@ def _merged_already(folder: Folder, expected: list[dict[str, Any]]) -> LogitCach
             folder.remove(rel)
         return None
     m = folder.read_manifest()
-    configs = [p.get("config") for p in m.config.get("merged_from", [])] if isinstance(m, LogitCacheManifest) else None
-    if not (m.complete and configs == expected):
-        raise CompatibilityError(f"{folder.uri} holds another cache (not the merge of {len(expected)} parts of these settings): choose another --out, or delete it to rebuild it")
-    assert isinstance(m, LogitCacheManifest)
+    if not (isinstance(m, LogitCacheManifest) and m.complete and m.config == expected):
+        raise CompatibilityError(f"{folder.uri} holds another cache (not one of these settings, complete): choose another --out, or delete it to rebuild it")
     return m
 
 
@@ -457,8 +458,7 @@ def launch_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool = 
     work = Path(out.removeprefix("file://") + "-parts") if local else Path("pkd-launch") / sha256_text(out)[:16]
     record = work / "launch.json"
     outs = [f"{out}-parts/{i}-of-{n}" for i in range(n)]
-    expected = [cache_config(cfg.model_copy(update={"part": f"{i}/{n}"}), run) for i in range(n)]
-    done = _merged_already(Folder(out), expected)
+    done = _merged_already(Folder(out), cache_config(cfg.model_copy(update={"part": "0/1"}), run))
     if done is not None:
         return LaunchSummary(out, n, launch.launcher, [], done, record=str(record), elapsed_s=time.monotonic() - start)
     cwd = str(Path.cwd())
@@ -473,5 +473,6 @@ def launch_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool = 
     summary = LaunchSummary(out, n, launch.launcher, timeline(rec), None, record=str(record))
     if all(part_complete(o) for o in outs):  # always after a wait; after --no-wait once the parts have finished
         summary.manifest, summary.merged = merge([Folder(o) for o in outs], Folder(out)), True
+        summary.idle = [i for i, o in enumerate(outs) if not Folder(o).read_manifest().files]
     summary.elapsed_s = time.monotonic() - start
     return summary

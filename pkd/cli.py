@@ -735,7 +735,7 @@ def cache_merge(
     out: Annotated[str, typer.Argument(help="New, empty folder or URI for the merged cache.")],
     parts: Annotated[list[str], typer.Argument(help="Caches to join (e.g. the outputs of `--part i/N` runs).")],
 ) -> None:
-    """Join caches built in parts; refuses mismatched tokenizer/proxy, k, codec or overlapping samples."""
+    """Join caches: the parts of one `--part I/N` run become that run's cache, byte for byte; refuses mismatched tokenizer/proxy, k, codec or overlapping samples."""
     from pkd.cache.ops import merge
     from pkd.store import Folder
 

@@ -297,6 +297,9 @@ def test_parts_then_merge_are_a_single_run_byte_for_byte(root: Path, hf_cache: s
         run_cache_logits(config(root, f"part-{i}", part=f"{i}/3"), RunConfig(), progress=False)
         paths = [f.path for f in Folder(out).read_manifest().files]
         assert paths and all(p.startswith(f"data/part-{i:05d}-") and int(p[-13:-8]) % 3 == i for p in paths)
+    result = runner.invoke(app, ["cache", "merge", str(root / "merged"), parts[0], parts[2]])
+    assert result.exit_code == 3 and "2 of the 3 parts of one cache-logits run: 1/3 missing" in result.output, result.output
+    assert not (root / "merged").exists()
     result = runner.invoke(app, ["cache", "merge", str(root / "merged"), *reversed(parts)])
     assert result.exit_code == 0 and "the cache one process writes" in result.output, result.output
     assert len(fingerprint(hf_cache)[1]) >= 4 and fingerprint(str(root / "merged")) == fingerprint(hf_cache)

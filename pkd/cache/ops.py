@@ -242,9 +242,9 @@ def merge(parts: list[Folder], out: Folder) -> LogitCacheManifest:
                 if sid in seen:
                     raise CompatibilityError(f"sample {sid!r} is in both {seen[sid]} and {p.uri}; parts must be disjoint")
                 seen[sid] = p.uri
+    chunks = run_of_parts(manifests)
     _require_empty(out)
     merged = LogitCacheManifest(**manifests[0].model_dump(exclude={"created_at", "pkd_version", "files", "complete", "counts"}))
-    chunks = run_of_parts(manifests)
     if chunks is not None:
         merged.config = {**manifests[0].config, "part": "0/1"}
         counts = sum((Counter({k: v for k, v in m.counts.items() if k not in ("rows", "tokens")}) for m in manifests), Counter[str]())
@@ -270,12 +270,22 @@ def run_of_parts(manifests: list[LogitCacheManifest]) -> list[list[int]] | None:
     """Each shard's chunk if `manifests` are all N parts of one cache-logits run (the same
     settings but `part`, each of 0/N … N-1/N once, the same inputs): part I holds chunks c ≡ I
     (mod N) of the run as data/part-I-c (pkd.steps.cache_logits), which one process names
-    data/part-0-c. Per manifest, per file: c; None if they are not such parts."""
+    data/part-0-c. Per manifest, per file: c; None if they are not such parts. Some but not all
+    parts of one run are refused: their merge would lack the other parts' samples unsaid."""
     n, configs = len(manifests), [dict(m.config) for m in manifests]
     index = [str(c.pop("part", "")) for c in configs]
     if "shard_rows" not in configs[0] or any(c != configs[0] for c in configs) or any(m.inputs != manifests[0].inputs for m in manifests):
         return None
     if set(index) != {f"{i}/{n}" for i in range(n)}:
+        totals = {p.partition("/")[2] for p in index}
+        if len(totals) == 1 and all(p.partition("/")[0].isdigit() for p in index):  # some of the parts of one run
+            total = int(totals.pop())
+            missing = sorted(set(range(total)) - {int(p.partition("/")[0]) for p in index})
+            if missing:
+                raise CompatibilityError(
+                    f"these are {total - len(missing)} of the {total} parts of one cache-logits run: {', '.join(f'{i}/{total}' for i in missing)} missing; "
+                    "merge all of them (a cache of some parts would silently lack their samples)"
+                )
         return None
     chunks = []
     for part, m in zip(index, manifests):

@@ -215,3 +215,38 @@ def test_push_pull_s3(s3_server, cache: str, tmp_path) -> None:
     r = pkd("cache", "pull", "s3://pkd-test/caches/run1", str(tmp_path / "from-s3"))
     assert r.exit_code == 0, r.output + r.stderr
     assert pkd("cache", "verify", str(tmp_path / "from-s3")).exit_code == 0
+
+
+def _part(i: int, n: int, chunks: list[int], **config) -> "LogitCacheManifest":
+    """A manifest as `pkd cache-logits --part i/n` writes it (files named by chunk)."""
+    from synthetic import header
+
+    from pkd.records import FileEntry
+
+    m = header(k=8)
+    m.config = {"k": 8, "part": f"{i}/{n}", "shard_rows": 8} | config
+    m.files = [FileEntry(path=f"data/part-{i:05d}-{c:05d}.parquet", sha256="0" * 64, bytes=1, rows=1) for c in chunks]
+    return m
+
+
+def test_only_all_the_parts_of_one_run_are_put_back_as_that_run() -> None:
+    """Parts of one run are reassembled in chunk order; caches that are not parts are
+    concatenated; parts over the same samples that are not exactly one run's N parts are refused
+    (some parts missing, other settings, a part twice, a renamed shard)."""
+    from pkd.cache.ops import run_of_parts
+    from pkd.errors import CompatibilityError, IntegrityError
+    from synthetic import header
+
+    assert run_of_parts([_part(1, 3, [1, 4]), _part(0, 3, [0, 3, 6]), _part(2, 3, [2])]) == [[1, 4], [0, 3, 6], [2]]
+    assert run_of_parts([header(k=8), header(k=8)]) is None  # not parts: concatenated
+    assert run_of_parts([_part(0, 2, [0]), _part(1, 2, [1]).model_copy(update={"inputs": {"samples": "other"}})]) is None
+    with pytest.raises(CompatibilityError, match="2 of the 3 parts of one cache-logits run: 1/3 missing"):
+        run_of_parts([_part(0, 3, [0]), _part(2, 3, [2])])
+    with pytest.raises(CompatibilityError, match="settings differ: shard_rows"):
+        run_of_parts([_part(0, 2, [0]), _part(1, 2, [1], shard_rows=4)])
+    with pytest.raises(CompatibilityError, match="split 2 and 3 ways"):
+        run_of_parts([_part(0, 2, [0]), _part(1, 3, [1]), _part(2, 3, [2])])
+    with pytest.raises(CompatibilityError, match="1/2 given more than once"):
+        run_of_parts([_part(0, 2, [0]), _part(1, 2, []), _part(1, 2, [])])
+    with pytest.raises(IntegrityError, match="part 1/2 lists data/part-00001-00002.parquet, not a shard that part writes"):
+        run_of_parts([_part(0, 2, [0]), _part(1, 2, [2])])

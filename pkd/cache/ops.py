@@ -267,32 +267,47 @@ def merge(parts: list[Folder], out: Folder) -> LogitCacheManifest:
 
 
 def run_of_parts(manifests: list[LogitCacheManifest]) -> list[list[int]] | None:
-    """Each shard's chunk if `manifests` are all N parts of one cache-logits run (the same
-    settings but `part`, each of 0/N … N-1/N once, the same inputs): part I holds chunks c ≡ I
-    (mod N) of the run as data/part-I-c (pkd.steps.cache_logits), which one process names
-    data/part-0-c. Per manifest, per file: c; None if they are not such parts. Some but not all
-    parts of one run are refused: their merge would lack the other parts' samples unsaid."""
-    n, configs = len(manifests), [dict(m.config) for m in manifests]
-    index = [str(c.pop("part", "")) for c in configs]
-    if "shard_rows" not in configs[0] or any(c != configs[0] for c in configs) or any(m.inputs != manifests[0].inputs for m in manifests):
+    """Each shard's chunk when `manifests` are the N parts of one cache-logits run: part I holds
+    chunks c ≡ I (mod N) of the run as data/part-I-c (pkd.steps.cache_logits), which one process
+    names data/part-0-c. Per manifest, per file: c. None for caches that are not `--part` runs
+    over one set of teacher samples (they are concatenated). Parts over the same samples that are
+    not exactly the N parts of one run are refused: a part holds whole shards of its own run's
+    layout, so parts of runs with other settings, or some of the parts, would drop or repeat
+    samples unsaid."""
+    configs = [dict(m.config) for m in manifests]
+    index = [str(c.pop("part", "0/1")) for c in configs]
+    if any(m.inputs != manifests[0].inputs for m in manifests) or not all(re.fullmatch(r"\d+/[1-9]\d*", p) for p in index):
         return None
-    if set(index) != {f"{i}/{n}" for i in range(n)}:
-        totals = {p.partition("/")[2] for p in index}
-        if len(totals) == 1 and all(p.partition("/")[0].isdigit() for p in index):  # some of the parts of one run
-            total = int(totals.pop())
-            missing = sorted(set(range(total)) - {int(p.partition("/")[0]) for p in index})
-            if missing:
-                raise CompatibilityError(
-                    f"these are {total - len(missing)} of the {total} parts of one cache-logits run: {', '.join(f'{i}/{total}' for i in missing)} missing; "
-                    "merge all of them (a cache of some parts would silently lack their samples)"
-                )
+    if not any("shard_rows" in c and not p.endswith("/1") for c, p in zip(configs, index)):
         return None
+    differ = sorted({k for c in configs for k in c.keys() | configs[0].keys() if c.get(k) != configs[0].get(k)})
+    totals = sorted({p.partition("/")[2] for p in index}, key=int)
+    if differ or len(totals) > 1:
+        why = []
+        if differ:
+            why.append(f"settings differ: {', '.join(differ)}")
+        if len(totals) > 1:
+            why.append(f"split {' and '.join(totals)} ways")
+        raise CompatibilityError(
+            f"these are parts of different cache-logits runs over the same teacher samples ({'; '.join(why)}): a part holds whole shards of "
+            "its own run, so only all the parts of one run join; rerun the odd ones with the others' settings"
+        )
+    n, given = int(totals[0]), [int(p.partition("/")[0]) for p in index]
+    missing = sorted(set(range(n)) - set(given))
+    if missing:
+        raise CompatibilityError(
+            f"these are {n - len(missing)} of the {n} parts of one cache-logits run: {', '.join(f'{i}/{n}' for i in missing)} missing; "
+            "merge all of them (a cache of some parts would silently lack their samples)"
+        )
+    if len(given) != n:
+        twice = sorted({i for i in given if given.count(i) > 1})
+        raise CompatibilityError(f"part(s) {', '.join(f'{i}/{n}' for i in twice)} given more than once")
     chunks = []
-    for part, m in zip(index, manifests):
-        i = int(part.split("/")[0])
+    for i, m in zip(given, manifests):
         found = [re.fullmatch(rf"{SHARD_DIR}/part-{i:05d}-(\d+)\.parquet", entry.path) for entry in m.files]
-        if any(f is None or int(f[1]) % n != i for f in found):
-            return None
+        for entry, f in zip(m.files, found):
+            if f is None or int(f[1]) % n != i:
+                raise IntegrityError(f"part {i}/{n} lists {entry.path}, not a shard that part writes (data/part-{i:05d}-c.parquet, c ≡ {i} mod {n}); its manifest was edited")
         chunks.append([int(f[1]) for f in found if f is not None])
     return chunks
 

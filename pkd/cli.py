@@ -410,9 +410,8 @@ def _launch(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool, verbose: bool
     else:
         console.print(f"[green]merged[/] {s.parts} parts into {s.out}: {m.rows:,} samples, {m.tokens:,} tokens, ℓ μ={m.seq_logprob.mu:.4f} γ={m.seq_logprob.gamma:.4f}; {s.elapsed_s:.1f} s")
         if s.idle:
-            fair = max(1, -(-m.rows // s.parts))
             console.print(f"[yellow]warning: {len(s.idle)} of {s.parts} parts had nothing to score ({', '.join(map(str, s.idle))}): a part scores whole shards, and D_s made {len(m.files)}; "
-                          f"--shard-rows {fair} or less gives every part work[/]", highlight=False)  # fmt: skip
+                          f"--shard-rows {s.even_shard_rows} or less gives every part work[/]", highlight=False)  # fmt: skip
 
 
 def _print_proxy_stage(stage: dict[str, Any]) -> None:

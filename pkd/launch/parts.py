@@ -191,13 +191,19 @@ def timeline(record: LaunchRecord) -> list[dict[str, Any]]:
     return rows
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state first); [] where there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def start_time(pid: int) -> str:
     """When process `pid` started, in clock ticks since boot ("" where /proc cannot say): with the
     pid it names one process, so a pid reused after a reboot is not taken for the part's."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def pid_alive(pid: int, started: str = "") -> bool:
@@ -217,7 +223,4 @@ def pid_alive(pid: int, started: str = "") -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie waiting for its parent has ended too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    return _stat(pid)[:1] != ["Z"]  # a zombie waiting for its parent has ended too

@@ -412,6 +412,11 @@ class LaunchSummary:
     record: str = ""  # launch.json
     elapsed_s: float = 0.0
 
+    @property
+    def even_shard_rows(self) -> int:
+        """The largest --shard-rows that gives every part a shard of the merged cache's rows."""
+        return max(1, -(-self.manifest.rows // self.parts)) if self.manifest else 1
+
 
 def _set_args(section: str, values: dict[str, Any]) -> list[str]:
     """`--set SECTION.KEY=VALUE` for every given value (JSON scalars and lists are TOML values)."""

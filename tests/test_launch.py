@@ -83,15 +83,10 @@ def test_launch_settings_from_flags_and_recipe() -> None:
 def launch_env(root: Path) -> Iterator[None]:  # noqa: F811
     """Parts see the fault injector (tests/launch_faults) and this checkout; part 2 of 4 kills
     itself once. Set before Ray starts, whose workers inherit it."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PKD_TEST_KILL_PART")}
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(FAULTS), str(REPO), *filter(None, [saved["PYTHONPATH"]])])
-    os.environ["PKD_TEST_KILL_PART"] = f"2/{PARTS}"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the fixture can't take `monkeypatch`
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(FAULTS), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        mp.setenv("PKD_TEST_KILL_PART", f"2/{PARTS}")
+        yield
 
 
 def launch_config(root: Path, out: str, launcher: str, **launch: Any) -> CacheLogitsConfig:  # noqa: F811

@@ -431,7 +431,7 @@ def part_command(cfg: CacheLogitsConfig, run: RunConfig, index: int, out: str) -
     return [sys.executable, "-m", "pkd.cli", "cache-logits", *_set_args("run", run.model_dump(mode="json")), *_set_args("cache_logits", values), "--part", f"{index}/{cfg.launch.parts}", "--out", out]
 
 
-def _merged_already(folder: Folder, expected: dict[str, Any]) -> LogitCacheManifest | None:
+def _finished_already(folder: Folder, expected: dict[str, Any]) -> LogitCacheManifest | None:
     """The cache in `folder` if it is complete and has these settings (`expected`: a single run's,
     which the merge of its parts has too); None if the folder holds nothing but a merge's
     leftovers (removed); anything else is an error."""
@@ -463,7 +463,7 @@ def launch_cache_logits(cfg: CacheLogitsConfig, run: RunConfig, *, wait: bool = 
     work = Path(out.removeprefix("file://") + "-parts") if local else Path("pkd-launch") / sha256_text(out)[:16]
     record = work / "launch.json"
     outs = [f"{out}-parts/{i}-of-{n}" for i in range(n)]
-    done = _merged_already(Folder(out), cache_config(cfg.model_copy(update={"part": "0/1"}), run))
+    done = _finished_already(Folder(out), cache_config(cfg.model_copy(update={"part": "0/1"}), run))
     if done is not None:
         return LaunchSummary(out, n, launch.launcher, [], done, record=str(record), elapsed_s=time.monotonic() - start)
     cwd = str(Path.cwd())
